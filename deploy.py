@@ -789,7 +789,12 @@ def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None):
         {"role": "user", "content": "In one sentence, what is fine-tuning?"}])
     stats["text"] = r.choices[0].message.content
     if not (stats["text"] or "").strip():
-        raise DeployError("the chat completion returned no text")
+        choice = r.choices[0]
+        raise DeployError(
+            f"the chat completion returned no text (finish_reason {choice.finish_reason!r}, "
+            f"{stats['completion_tokens']} completion tokens, tool_calls {bool(choice.message.tool_calls)}): the model "
+            f"emitted only special tokens or whitespace, or the tool-call parser took the whole answer; "
+            f"a model with random or broken weights does this")
     print_stats("chat", stats, repr(stats["text"][:60]))
     results["chat"] = stats
     results["stream"] = check_stream(client, name, max_tokens, engine)

@@ -332,6 +332,9 @@ def load_for_training(cfg, backend, path, plan):
     import torch
     lora, seed = cfg["lora"], cfg["training"]["seed"]
     tokenizer = common.load_tokenizer(cfg, path)
+    if torch.cuda.is_available():
+        # H100 profile (docs/BENCHMARKS.md): the GPU was busy 2.8 s of a 9.4 s step, SDPA on cuDNN kernels.
+        torch.backends.cuda.enable_cudnn_sdp(bool(cfg["training"]["cudnn_attention"]))
     if backend == "unsloth":
         from unsloth import FastLanguageModel
         dtype = None if cfg["model"]["dtype"] in (None, "auto") else getattr(torch, plan["dtype_name"])

@@ -151,6 +151,30 @@ def timing_hooks(trainer, warmup, accum):
     return stats
 
 
+def kernel_profile(start_step, steps):
+    """torch.profiler over `steps` optimizer steps after `start_step`: prints where the GPU time goes (top ops by
+    self CUDA time) so tuning starts from a measurement. Profiled steps are slower: they stay out of the timing
+    only when --trace is used on its own run."""
+    import torch
+    from transformers import TrainerCallback
+    activities = [torch.profiler.ProfilerActivity.CUDA]  # CPU events make the summary take minutes
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == start_step:
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+            elif self.prof is not None and state.global_step == start_step + steps:
+                torch.cuda.synchronize()
+                self.prof.__exit__(None, None, None)
+                print(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+                self.prof = None
+
+    return Profile()
+
+
 def finish(stats, trainer, warmup, accum, name, extra, shapes, lora_r, lengths, peak):
     import torch
     steps = trainer.state.global_step - warmup
@@ -172,7 +196,7 @@ def run_trainpy(a, shapes, ds, lengths, peak):
     cfg = config.build_config(None, [f"model.name={a.model_dir}", f"model.max_seq_length={a.seq}",
                                      f"training.memory_profile={a.profile}", f"training.max_steps={a.warmup + a.steps}",
                                      "training.save_steps=1000000", "training.logging_steps=1",
-                                     f"lora.r={a.lora_r}"])
+                                     f"lora.r={a.lora_r}", *a.set])
     backend, why = train.pick_backend(cfg)
     if backend == "unsloth":
         common.import_unsloth_first()
@@ -183,9 +207,12 @@ def run_trainpy(a, shapes, ds, lengths, peak):
     args = train.sft_args(cfg, plan, tempfile.mkdtemp(prefix="bench-"), packing, has_eval=False)
     trainer = train.build_trainer(model, tokenizer, args, ds)
     stats = timing_hooks(trainer, a.warmup, plan["accum"])
+    if a.trace:
+        trainer.add_callback(kernel_profile(a.warmup, a.trace))
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
-             "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1)}
+             "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1),
+             "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": a.set}
     return finish(stats, trainer, a.warmup, plan["accum"], a.worker, extra, shapes, a.lora_r, lengths, peak)
 
 
@@ -205,7 +232,8 @@ def run_baseline(a, shapes, ds, lengths, peak):
     model = AutoModelForCausalLM.from_pretrained(a.model_dir, **kwargs)
     if cuda:
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=0.05,
+    dropout = config.build_config(None, a.set)["lora"]["lora_dropout"]  # the same LoRA as train.py's runs
+    model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=dropout,
                                              target_modules=config.LINEAR_PROJECTIONS, task_type="CAUSAL_LM"))
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
     accum = max(1, 16 // a.baseline_batch)  # 16 sequences per optimizer step, as train.py's defaults
@@ -226,6 +254,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
     stats = timing_hooks(trainer, a.warmup, accum)
     trainer.train()
     extra = {"backend": "transformers+peft+bnb" if cuda else "transformers+peft (CPU)", "batch": a.baseline_batch,
+             "lora_dropout": dropout,
              "accum": accum, "checkpointing": True, "packing": note}
     return finish(stats, trainer, a.warmup, accum, a.worker, extra, shapes, a.lora_r, lengths, peak)
 
@@ -248,15 +277,16 @@ def worker(a):
 
 
 def table(results, baseline_tps):
-    lines = ["| run | backend | batch × accum | checkpointing | packing | tokens/s | vs baseline | peak alloc GiB "
-             "| peak reserved GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| run | backend | batch × accum | checkpointing | LoRA dropout | packing | tokens/s | vs baseline "
+             "| peak alloc GiB | peak reserved GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['error']} |" + " |" * 8)
+            lines.append(f"| {r['name']} | {r['error']} |" + " |" * 9)
             continue
         ratio = f"{r['tokens_per_s'] / baseline_tps:.2f}×" if baseline_tps else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         lines.append(f"| {r['name']} | {r['backend']} | {r['batch']} × {r['accum']} | {r['checkpointing']} | "
+                     f"{r.get('lora_dropout', '-')} | "
                      f"{r['packing'].split(':')[0].split(',')[0]} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} | {mfu} |")
     return "\n".join(lines)
@@ -272,6 +302,13 @@ def main():
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 3; --tiny 1)")
     parser.add_argument("--lora-r", type=int, default=16)
     parser.add_argument("--baseline-batch", type=int, default=2, help="the baseline's per-device batch")
+    parser.add_argument("--baseline-steps", type=int, default=None,
+                        help="timed steps for the (slow) baseline; default: --steps")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override for the train.py runs, e.g. --set lora.lora_dropout=0.05")
+    parser.add_argument("--tag", default="", help="suffix for the run names (name-TAG), to keep variants apart in --out")
+    parser.add_argument("--trace", type=int, default=0, metavar="STEPS",
+                        help="profile STEPS optimizer steps after warmup in the train.py runs; print the top ops")
     parser.add_argument("--baseline-packing", choices=["off", "auto", "on"], default="off",
                         help="off: padded batches (default); auto: pack if the isolation check passes on it")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
@@ -306,27 +343,31 @@ def main():
             results = {r["name"]: r for r in json.load(f)["runs"]}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in names:
+        key = f"{name}-{a.tag}" if a.tag else name
         result_path = os.path.join(tempfile.mkdtemp(prefix="bench-"), "result.json")
+        steps = a.baseline_steps if name == "baseline" and a.baseline_steps else a.steps
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--result", result_path,
-               "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(a.steps), "--warmup", str(a.warmup),
-               "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch),
+               "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(a.warmup),
+               "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch), "--trace", str(a.trace),
                "--baseline-packing", a.baseline_packing, "--profile", "16gb" if name == "trainpy-16gb" else "auto"]
         cmd += ["--tiny"] * a.tiny + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
-        print(f"== {name}", flush=True)
+        cmd += [arg for kv in a.set for arg in ("--set", kv)]
+        print(f"== {key}", flush=True)
         started = time.time()
         proc = subprocess.run(cmd, cwd=ROOT, env=env)
         if proc.returncode != 0 or not os.path.isfile(result_path):
-            results[name] = {"name": name, "error": f"worker exited {proc.returncode} (see its output above)"}
+            results[key] = {"name": key, "error": f"worker exited {proc.returncode} (see its output above)"}
             continue
         with open(result_path, encoding="utf-8") as f:
-            results[name] = json.load(f)
-        print(f"== {name}: {results[name].get('tokens_per_s', results[name].get('error'))} tokens/s "
+            results[key] = dict(json.load(f), name=key)
+        print(f"== {key}: {results[key].get('tokens_per_s', results[key].get('error'))} tokens/s "
               f"({time.time() - started:.0f} s with loading)", flush=True)
     os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    ordered = [results[n] for n in ("trainpy-16gb", "trainpy-auto", "baseline") if n in results]
+    ordered = list(results.values())
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"seq": a.seq, "lora_r": a.lora_r, "shapes": shapes, "runs": ordered}, f, indent=2)
-    baseline = results.get("baseline", {}).get("tokens_per_s")
+    baseline = next((r["tokens_per_s"] for r in ordered if r["name"].startswith("baseline") and "tokens_per_s" in r),
+                    None)
     device = next((r["device"] for r in ordered if "device" in r), "?")
     print(f"\nTraining throughput, {'tiny Qwen3' if a.tiny else 'Qwen3-4B-shaped (random weights)'}, seq {a.seq}, "
           f"QLoRA r={a.lora_r} all-linear, {a.steps} timed steps after {a.warmup}; {device}, "
