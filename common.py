@@ -95,7 +95,6 @@ def latest_run(cfg):
     return os.path.dirname(os.path.dirname(max(runs, key=os.path.getmtime)))
 
 
-
 def resolve_adapter(cfg, adapter=None):
     """The adapter folder to load: `adapter` if given, else the newest run's; a clear exit when there is none."""
     if adapter is None:
@@ -107,6 +106,7 @@ def resolve_adapter(cfg, adapter=None):
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
         sys.exit(f"error: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
     return adapter
+
 
 # ---------------------------------------------------------------- model files
 

@@ -193,7 +193,7 @@ PROFILES = {
         "training.per_device_train_batch_size": 4,
         "training.gradient_accumulation_steps": 1,
         "training.learning_rate": 5e-4,
-        "training.max_steps": 12,  # ~35 s a step on 2 cores (20 steps took 727 s of a 21-min fresh-clone run)
+        "training.max_steps": 12,  # 2 cores: train.py took 483 s of the 829 s `./run.sh` demo (evals included)
         "training.eval_steps": 6,
         "training.save_steps": 6,
         "training.logging_steps": 2,

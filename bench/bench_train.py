@@ -153,8 +153,8 @@ def timing_hooks(trainer, warmup, accum):
 
 def kernel_profile(start_step, steps):
     """torch.profiler over `steps` optimizer steps after `start_step`: prints where the GPU time goes (top ops by
-    self CUDA time) so tuning starts from a measurement. Profiled steps are slower: they stay out of the timing
-    only when --trace is used on its own run."""
+    self CUDA time) so tuning starts from a measurement. The profiled steps fall inside the timed window and run
+    slower, so the result records `traced_steps`: keep traced runs apart from timing runs (--tag)."""
     import torch
     from transformers import TrainerCallback
     activities = [torch.profiler.ProfilerActivity.CUDA]  # CPU events make the summary take minutes
@@ -212,7 +212,7 @@ def run_trainpy(a, shapes, ds, lengths, peak):
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
              "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1),
-             "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": a.set}
+             "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": a.set, "traced_steps": a.trace}
     return finish(stats, trainer, a.warmup, plan["accum"], a.worker, extra, shapes, a.lora_r, lengths, peak)
 
 
@@ -366,8 +366,10 @@ def main():
     ordered = list(results.values())
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"seq": a.seq, "lora_r": a.lora_r, "shapes": shapes, "runs": ordered}, f, indent=2)
-    baseline = next((r["tokens_per_s"] for r in ordered if r["name"].startswith("baseline") and "tokens_per_s" in r),
-                    None)
+    # The baseline of this invocation's tag when there is one, else the first baseline in --out.
+    baselines = sorted((r for r in ordered if r["name"].startswith("baseline") and "tokens_per_s" in r),
+                       key=lambda r: r["name"] != (f"baseline-{a.tag}" if a.tag else "baseline"))
+    baseline = baselines[0]["tokens_per_s"] if baselines else None
     device = next((r["device"] for r in ordered if "device" in r), "?")
     print(f"\nTraining throughput, {'tiny Qwen3' if a.tiny else 'Qwen3-4B-shaped (random weights)'}, seq {a.seq}, "
           f"QLoRA r={a.lora_r} all-linear, {a.steps} timed steps after {a.warmup}; {device}, "
