@@ -60,6 +60,9 @@ CONFIG = {
         # PyTorch may route SDPA to cuDNN on Hopper, which builds a plan per new sequence length (hundreds of ms);
         # packed rows hold segments of every length. False keeps SDPA on its flash/efficient kernels.
         "cudnn_attention": False,
+        # Packed rows under Unsloth without flash-attn: one torch varlen flash call per layer instead of one SDPA
+        # call per packed segment (Unsloth itself takes torch's varlen kernel only from torch 2.12).
+        "varlen_attention": True,
         # "auto" picks from the GPU's memory: <36 GiB "16gb" (the values above), 36-70 GiB "40gb" (batch 4,
         # no checkpointing), >=70 GiB "80gb" (batch 8, no checkpointing); accumulation keeps the effective
         # batch; a preset the memory estimate says will not fit steps down. "config" = exactly the values above.

@@ -264,11 +264,13 @@ def length_batches(lengths, max_rows, max_tokens):
 def masked_nll(model, encoded, batch_size, pad_id, desc=None, max_tokens=None):
     """[(NLL summed over label tokens, label token count)] per row. Rows are sorted by length and batched
     with right padding (batch_size rows, max_tokens padded tokens at most); token t is scored from the
-    logits at t - 1, exactly as the training loss."""
+    logits at t - 1, exactly as the training loss. The LM head runs on the scored positions only (a hook
+    on its input): a full (tokens × vocab) logits tensor is ~2.5 GB a batch for Qwen3 and mostly unused."""
     import torch
     import torch.nn.functional as F
     from tqdm import tqdm
     device = next(model.parameters()).device
+    head = model.get_output_embeddings()
     batches = length_batches([len(ids) for ids, _ in encoded], batch_size, max_tokens or float("inf"))
     out = [None] * len(encoded)
     with torch.inference_mode(), tqdm(total=len(encoded), desc=desc, disable=desc is None, unit="row") as bar:
@@ -278,18 +280,39 @@ def masked_nll(model, encoded, batch_size, pad_id, desc=None, max_tokens=None):
             labels = torch.tensor([encoded[i][1] + [-100] * (width - len(encoded[i][1])) for i in idx], device=device)
             mask = (torch.arange(width, device=device)[None, :] < torch.tensor([len(encoded[i][0]) for i in idx],
                                                                                 device=device)[:, None]).long()
-            logits = model(input_ids=ids, attention_mask=mask).logits
-            if tuple(logits.shape[:2]) != tuple(ids.shape):  # Unsloth may hand back placeholder logits
-                raise RuntimeError(f"the model returned logits of shape {tuple(logits.shape)} for inputs "
-                                   f"{tuple(ids.shape)}; with Unsloth set UNSLOTH_RETURN_LOGITS=1")
-            for j, i in enumerate(idx):
-                target = labels[j, 1:]
-                keep = target != -100
-                # Only the scored positions go to float32: a full (seq × vocab) fp32 copy would be 1.2 GB for Qwen3.
-                nll = F.cross_entropy(logits[j, :-1][keep].float(), target[keep], reduction="sum")
-                out[i] = (nll.item(), int(keep.sum()))
+            scored = torch.zeros_like(labels, dtype=torch.bool)
+            scored[:, :-1] = labels[:, 1:] != -100  # hidden state t predicts label t + 1
+            logits = scored_logits(model, head, scored, input_ids=ids, attention_mask=mask)
+            targets = labels[:, 1:][scored[:, :-1]]
+            nll = torch.cat([F.cross_entropy(logits[s:s + 1024].float(), targets[s:s + 1024], reduction="none")
+                             for s in range(0, len(targets), 1024)] or [logits.new_zeros(0, dtype=torch.float32)])
+            rows = torch.arange(len(idx), device=device)[:, None].expand_as(scored)[scored]
+            sums = torch.zeros(len(idx), device=device, dtype=torch.float32).index_add_(0, rows, nll)
+            for i, total, count in zip(idx, sums.tolist(), scored.sum(1).tolist()):
+                out[i] = (total, count)
             bar.update(len(idx))
     return out
+
+
+def scored_logits(model, head, scored, **inputs):
+    """The model's logits at the `scored` (batch × seq) positions only, as (n_scored × vocab)."""
+    def keep_scored(module, args):
+        hidden = args[0]
+        if hidden.shape[:-1].numel() != scored.numel():
+            raise RuntimeError(f"the LM head got hidden states of shape {tuple(hidden.shape)} for inputs "
+                               f"{tuple(scored.shape)}; cannot pick the scored positions")
+        return (hidden.reshape(-1, hidden.shape[-1])[scored.reshape(-1)],) + tuple(args[1:])
+    handle = head.register_forward_pre_hook(keep_scored)
+    try:
+        logits = model(**inputs).logits
+    finally:
+        handle.remove()
+    n = int(scored.sum())
+    logits = logits.reshape(-1, logits.shape[-1])
+    if logits.shape[0] != n:  # e.g. Unsloth handing back placeholder logits
+        raise RuntimeError(f"the model returned {logits.shape[0]} rows of logits for {n} scored positions; "
+                           f"with Unsloth set UNSLOTH_RETURN_LOGITS=1")
+    return logits
 
 
 # ---------------------------------------------------------------- backends

@@ -327,16 +327,45 @@ def read_model_config(cfg):
     return path, mc
 
 
+def use_torch_varlen_attention():
+    """Let Unsloth run packed rows through torch's varlen flash kernel: one call per layer, not one SDPA call
+    per packed segment (H100, docs/BENCHMARKS.md: 9.1k -> 12.4k tokens/s). Unsloth takes the
+    kernel only where `varlen_attn` has `enable_gqa` (torch 2.12); torch 2.11's flash kernel takes fewer K/V
+    heads than query heads as they are. The packing-isolation check still runs on whatever this picks."""
+    import inspect
+    import torch
+    try:
+        from unsloth.utils import attention_dispatch as dispatch
+    except ImportError:
+        return "Unsloth's own (this version has no unsloth.utils.attention_dispatch)"
+    if getattr(dispatch, "_TORCH_VARLEN_ATTN", None) is not None:
+        return "torch varlen flash kernel (Unsloth's own choice)"
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return f"one SDPA call per packed segment (torch {torch.__version__} has no varlen_attn)"
+    if "window_size" not in inspect.signature(varlen_attn).parameters or not torch.backends.cuda.is_flash_attention_available():
+        return "one SDPA call per packed segment (this torch's varlen_attn lacks window_size or flash)"
+
+    def varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size)
+
+    dispatch._TORCH_VARLEN_ATTN = varlen_gqa
+    return "torch varlen flash kernel (training.varlen_attention)"
+
+
 def load_for_training(cfg, backend, path, plan):
     """The base model with LoRA adapters (Unsloth or transformers + PEFT) and the configured tokenizer."""
     import torch
     lora, seed = cfg["lora"], cfg["training"]["seed"]
     tokenizer = common.load_tokenizer(cfg, path)
     if torch.cuda.is_available():
-        # H100 profile (docs/BENCHMARKS.md): the GPU was busy 2.8 s of a 9.4 s step, SDPA on cuDNN kernels.
+        # H100 (docs/BENCHMARKS.md): SDPA on cuDNN builds a plan per packed-segment length; off: 3.4k -> 9.1k tokens/s.
         torch.backends.cuda.enable_cudnn_sdp(bool(cfg["training"]["cudnn_attention"]))
     if backend == "unsloth":
         from unsloth import FastLanguageModel
+        if cfg["training"]["varlen_attention"]:
+            say(f"Packed attention: {use_torch_varlen_attention()}")
         dtype = None if cfg["model"]["dtype"] in (None, "auto") else getattr(torch, plan["dtype_name"])
         model, _ = FastLanguageModel.from_pretrained(model_name=path, max_seq_length=cfg["model"]["max_seq_length"],
                                                      dtype=dtype, load_in_4bit=plan["load_in_4bit"])

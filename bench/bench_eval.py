@@ -147,6 +147,7 @@ def main():
     parser.add_argument("--skip", choices=["ppl", "gen"], action="append", default=[], help="skip a part")
     config.add_config_args(parser)
     args = parser.parse_args()
+    common.import_unsloth_first()  # on a GPU: before anything imports transformers (Unsloth patches them)
     cfg = config.resolve(args, parser, quiet=True)
     seed = cfg["training"]["seed"]
     random.seed(seed)
