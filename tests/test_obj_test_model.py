@@ -369,3 +369,15 @@ def test_cli_errors_before_loading(eval_work, val_file):
     assert done.returncode != 0 and "Did you mean: eval.max_samples" in done.stderr
     done = run_cli(["--base-only", "--data", val_file, "--set", "eval.gates.min_usabilty=0.5"])
     assert done.returncode != 0 and "unknown gate min_usabilty" in done.stderr
+
+
+def test_generate_does_not_repeat_the_max_length_note(demo_model_dir, capfd):
+    """Unsloth sets generation_config.max_length; transformers then logged a max_new_tokens note on every batch."""
+    model, tokenizer = common.load_model(cfg_with())
+    model.generation_config.max_length = 8192
+    settings = dict(common.sampling_settings(cfg_with(), greedy=True), max_new_tokens=4)
+    capfd.readouterr()
+    out = common.generate_local(model, tokenizer, [([{"role": "user", "content": "Hi"}], None)] * 2, settings,
+                                batch_size=1)
+    assert all(0 < r["completion_tokens"] <= 4 for r in out)
+    assert "seem to have been set" not in capfd.readouterr().err
