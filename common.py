@@ -450,18 +450,10 @@ def finish(ids, stops, tokenizer, seconds):
             "completion_tokens": len(ids) if end is None else end + 1, "seconds": seconds}
 
 
-def quiet_max_length_warning():
-    """Unsloth sets the model's generation_config.max_length (e.g. 8192); generate merges it into ours and then
-    logs on every call that max_new_tokens wins, which it does. Drop that one line, once per process."""
-    import logging
-    log = logging.getLogger("transformers.generation.utils")
-    if not any(getattr(f, "drops_max_length_note", False) for f in log.filters):
-        class DropMaxLengthNote(logging.Filter):
-            drops_max_length_note = True
-
-            def filter(self, record):
-                return not str(record.msg).startswith("Both `max_new_tokens`")
-        log.addFilter(DropMaxLengthNote())
+def drop_max_length_note(record):
+    """Logging filter. Unsloth sets the model's generation_config.max_length (e.g. 8192); generate merges it into
+    ours and then logs on every call that max_new_tokens wins, which it does: drop that one line."""
+    return not str(record.msg).startswith("Both `max_new_tokens`")
 
 
 def run_generate(model, tokenizer, kwargs, on_text=None):
@@ -469,8 +461,9 @@ def run_generate(model, tokenizer, kwargs, on_text=None):
     The streamer calls back inside generate, in this thread: Ctrl-C interrupts generate itself. (With
     TextIteratorStreamer, generate needs a second thread, and a Ctrl-C while that thread was inside torch
     intermittently aborted the process at exit: "terminate called without an active exception".)"""
+    import logging
     import torch
-    quiet_max_length_warning()
+    logging.getLogger("transformers.generation.utils").addFilter(drop_max_length_note)  # skips one already there
     if on_text is not None:
         from transformers import TextStreamer
         streamer = TextStreamer(tokenizer, skip_prompt=True, skip_special_tokens=True)
