@@ -676,8 +676,11 @@ def check_json(client, name, max_tokens, engine):
     stats["enforced"], stats["text"] = engine == "vllm", text
     print_stats("json", stats, f"valid JSON: {stats['valid_json']}"
                 + ("" if stats["enforced"] else " (reported only: this engine cannot constrain the output)"))
+    stats["finish_reason"] = r.choices[0].finish_reason
     if stats["enforced"] and not stats["valid_json"]:
-        raise DeployError(f"the JSON-constrained answer does not parse: {text[:200]!r}")
+        cut = (f" (cut at max_tokens={max_tokens} before the object closed: finish_reason 'length')"
+               if stats["finish_reason"] == "length" else "")
+        raise DeployError(f"the JSON-constrained answer does not parse{cut}: {text[:200]!r}")
     return stats
 
 
@@ -778,8 +781,10 @@ def check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir, ser
     return {"method": method, "conversations": results}
 
 
-def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None):
-    """Every check against the running server; raises DeployError on a failure, returns the results."""
+def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None, server_log=None):
+    """Every check against the running server, all of them even after a failure (written to out_path);
+    raises DeployError naming the failed ones, else returns the results."""
+    from openai import APIError
     engine, name = detect_engine(cfg), cfg["deploy"]["served_model_name"]
     client, max_tokens = openai_client(cfg), cfg["deploy"]["test_max_tokens"]
     print(f"testing {endpoint_url(cfg)} (engine: {engine}, model: {name})", flush=True)
@@ -797,15 +802,29 @@ def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None):
             f"a model with random or broken weights does this")
     print_stats("chat", stats, repr(stats["text"][:60]))
     results["chat"] = stats
-    results["stream"] = check_stream(client, name, max_tokens, engine)
-    results["json"] = check_json(client, name, max_tokens, engine)
-    results["tool_round_trip"] = check_tool_round_trip(client, name, max_tokens, engine)
-    results["template_parity"] = check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir, served_dir)
+    failed = []
+    checks = {"template_parity": lambda: check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir,
+                                                               served_dir),
+              "stream": lambda: check_stream(client, name, max_tokens, engine),
+              "json": lambda: check_json(client, name, max_tokens, engine),
+              "tool_round_trip": lambda: check_tool_round_trip(client, name, max_tokens, engine)}
+    for key, check in checks.items():  # every check runs: one failure must not hide the others
+        try:
+            results[key] = check()
+        except (DeployError, APIError) as err:  # APIError: the server answered an error (e.g. HTTP 500)
+            where = ""
+            if isinstance(err, APIError) and server_log and os.path.exists(server_log):
+                where = f" (if deploy.py started the server, its log: {server_log})"
+            print(f"  {key:<10} FAILED: {err}{where}", flush=True)
+            results[key] = {"error": f"{err}{where}"}
+            failed.append(key)
     if out_path:
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
         with open(out_path, "w", encoding="utf-8") as f:
             json.dump(results, f, ensure_ascii=False, indent=2)
         print(f"test results written: {out_path}")
+    if failed:
+        raise DeployError(f"{len(failed)} of {len(checks) + 2} endpoint checks failed: {', '.join(failed)}")
     return results
 
 
@@ -1060,7 +1079,7 @@ def main():
         try:
             if args.step in ("test", "all"):
                 check_endpoint(cfg, train_cfg, os.path.join(run_path, "adapter"), model_dir,
-                               os.path.join(reports, "deploy_test.json"))
+                               os.path.join(reports, "deploy_test.json"), os.path.join(run_path, "serve.log"))
             if args.step in ("perf", "all"):
                 run_perf(cfg, model_dir, reports)
         finally:
