@@ -127,7 +127,7 @@ CONFIG = {
         "max_new_tokens": 512,
         "greedy": True,  # objective metrics decode greedily (temperature 0): base vs tuned differ only by weights
         "ppl_batch_size": 64,  # rows per forward pass for perplexity (sorted by length to limit padding)
-        "ppl_batch_tokens": 8192,  # padded tokens per forward at most (bounds activations, and the scored logits: ≤ 8192 × 151,936 × 2 B = 2.5 GB)
+        "ppl_batch_tokens": 8192,  # padded tokens per forward at most (bounds activations and scored logits, ≤ 2.5 GB)
         "ppl_max_samples": None,  # validation rows scored for perplexity; None = all
         "gen_batch_size": 8,  # prompts per in-process generate() call (left padded)
         "max_samples": 200,  # validation rows used for generation metrics; None = all

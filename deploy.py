@@ -824,7 +824,8 @@ def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None, serve
             json.dump(results, f, ensure_ascii=False, indent=2)
         print(f"test results written: {out_path}")
     if failed:
-        raise DeployError(f"{len(failed)} of {len(checks) + 2} endpoint checks failed: {', '.join(failed)}")
+        total = len(checks) + 2  # + models and chat above, which stop the test at once
+        raise DeployError(f"{len(failed)} of {total} endpoint checks failed: {', '.join(failed)}")
     return results
 
 

@@ -344,7 +344,8 @@ def use_torch_varlen_attention():
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
         return f"one SDPA call per packed segment (torch {torch.__version__} has no varlen_attn)"
-    if "window_size" not in inspect.signature(varlen_attn).parameters or not torch.backends.cuda.is_flash_attention_available():
+    if ("window_size" not in inspect.signature(varlen_attn).parameters
+            or not torch.backends.cuda.is_flash_attention_available()):
         return "one SDPA call per packed segment (this torch's varlen_attn lacks window_size or flash)"
 
     def varlen_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):

@@ -175,7 +175,6 @@ def test_template_parity_fails_loudly_on_another_template(server, cfg, run_path,
                                      cfg["deploy"]["served_model_name"], cfg, os.path.join(run_path, "adapter"), other)
 
 
-
 def test_a_failing_check_does_not_hide_the_others(server, cfg, run_path, merged_dir, tmp_path, demo_model_dir):
     """`deploy.py test` runs every check, writes them all, then fails naming the failed ones."""
     other = copy_small_files(merged_dir, str(tmp_path / "other"))
@@ -188,6 +187,7 @@ def test_a_failing_check_does_not_hide_the_others(server, cfg, run_path, merged_
     # parity runs first: the checks after it still ran and passed
     assert written["stream"]["chunks"] >= 1 and "error" not in written["json"]
     assert written["tool_round_trip"]["arguments"] == {"city": "Paris"}
+
 
 def test_perf_writes_report(server, cfg, run_path, merged_dir):
     out = deploy.reports_dir(cfg, run_path)
