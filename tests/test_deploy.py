@@ -134,6 +134,33 @@ def test_merged_folder_ships_template_and_sampling(merged_dir, qwen_tokenizer):
     assert not os.path.exists(merged_dir + ".tmp")
 
 
+def test_merged_tokenizer_passes_vllms_grammar_engine(merged_dir):
+    """vLLM builds its structured-output grammars (a named tool_choice, a JSON-schema answer) with xgrammar over
+    the served folder's tokenizer. Below is the structural tag vLLM 0.25 builds for the hermes parser and a named
+    tool_choice (vllm/tool_parsers/structural_tag_registry.py): every token of a valid call must pass it and
+    <|im_end|> must end it. A tokenizer that xgrammar mis-reads rejects the first newline, and vLLM answers 500."""
+    import xgrammar as xgr
+    from transformers import AutoTokenizer
+    from xgrammar.structural_tag import JSONSchemaFormat, TagFormat, TagsWithSeparatorFormat
+    tokenizer = AutoTokenizer.from_pretrained(merged_dir)
+    info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=len(tokenizer))
+    function = deploy.WEATHER_TOOL["function"]
+    tags = [TagFormat(begin=f'{begin}{function["name"]}", "arguments": ', end=end,
+                      content=JSONSchemaFormat(json_schema=function["parameters"]))
+            for begin, end in [('<tool_call>\n{"name": "', "}\n</tool_call>"), ('<tool_call>{"name": "', "}</tool_call>")]]
+    forced = xgr.StructuralTag(format=TagsWithSeparatorFormat(tags=tags, separator="", at_least_one=True,
+                                                              stop_after_first=True))
+    compiler = xgr.GrammarCompiler(info)
+    cases = [(compiler.compile_structural_tag(json.dumps(forced.model_dump())),
+              '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'),
+             (compiler.compile_json_schema(json.dumps(function["parameters"])), '{\n  "city": "New York"\n}')]
+    for grammar, text in cases:
+        matcher = xgr.GrammarMatcher(grammar)
+        for token in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            assert matcher.accept_token(token), f"xgrammar rejected {tokenizer.decode([token])!r} in {text!r}"
+        assert matcher.accept_token(tokenizer.convert_tokens_to_ids(common.IM_END)) and matcher.is_terminated()
+
+
 def test_merge_refuses_a_quantized_base(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3",
                                                       "quantization_config": {"quant_method": "bitsandbytes"}}))
@@ -187,6 +214,23 @@ def test_a_failing_check_does_not_hide_the_others(server, cfg, run_path, merged_
     # parity runs first: the checks after it still ran and passed
     assert written["stream"]["chunks"] >= 1 and "error" not in written["json"]
     assert written["tool_round_trip"]["arguments"] == {"city": "Paris"}
+
+
+def test_unusable_model_tool_calls_are_named():
+    """What the tool check says about the model's own call before it forces or writes one (seen on the H100:
+    the SmolLM2 demo run called a tool named after the city)."""
+    from openai.types.chat import ChatCompletionMessage
+
+    def message(name=None, arguments=None):
+        calls = [{"id": "c1", "type": "function", "function": {"name": name, "arguments": arguments}}] if name else None
+        return ChatCompletionMessage(role="assistant", content=None, tool_calls=calls)
+
+    call, why = deploy.weather_call(message("get_weather", '{"city": "Paris"}'))
+    assert call.id == "c1" and why is None
+    assert deploy.weather_call(message()) == (None, "no tool call")
+    assert deploy.weather_call(message("Paris", '{"city": "Paris"}')) == (None, "called 'Paris', not get_weather")
+    assert deploy.weather_call(message("get_weather", '{"city": "Par')) == (
+        None, "arguments are not JSON: '{\"city\": \"Par'")
 
 
 def test_perf_writes_report(server, cfg, run_path, merged_dir):
