@@ -210,7 +210,6 @@ PROFILES = {
         "deploy.served_model_name": "smollm2-demo",
         "deploy.max_model_len": 2048,
         "deploy.perf_concurrency": [1, 4],
-        "deploy.startup_timeout_s": 180,
         "deploy.test_max_tokens": 48,
         "deploy.perf_max_tokens": 32,
     },

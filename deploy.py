@@ -192,6 +192,9 @@ def vllm_command(cfg, model_dir, adapter_dir=None, settings=None):
         template = os.path.join(adapter_dir, "chat_template.jinja")
         if os.path.isfile(template):  # the base's own template may differ from the one training rendered with
             cmd += ["--chat-template", template]
+        # The merged folder ships generation_config.json with the deploy sampling; the base folder may not.
+        sampling = {k: s[k] for k in ("temperature", "top_p", "top_k")}
+        cmd += ["--override-generation-config", json.dumps(sampling)]
     else:
         cmd += ["--served-model-name", s["served_model_name"]]
     if s["api_key"]:
@@ -383,12 +386,17 @@ def base_model_path(name):
     path = common.resolve_model_path(name)
     if not os.path.isdir(path):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
         try:
             path = snapshot_download(name, local_files_only=True)
         except LocalEntryNotFoundError:
             print(f"{name} is not cached locally; downloading it from the hub", flush=True)
-            path = snapshot_download(name)
+            try:
+                path = snapshot_download(name)
+            except (OSError, HfHubHTTPError) as err:  # offline mode, no network, unknown repo
+                raise DeployError(f"the merge base {name} is neither a local folder nor in the hub cache, and the "
+                                  f"download failed ({type(err).__name__}: {str(err).splitlines()[0]}); download it "
+                                  f"once where the hub is reachable, or set model.name to a local folder") from None
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         quant = json.load(f).get("quantization_config")
     if quant or "bnb-4bit" in name.lower():
@@ -1021,6 +1029,22 @@ def serve_target(cfg, args, run_path, train_cfg):
     return check_model_dir(merged), None
 
 
+def running_server_folder(cfg, args, run_path):
+    """test/perf against a server already running: the folder of the tokenizer it serves with. --model, else the
+    merged folder; a vLLM server in LoRA mode (--lora, or no merged folder yet) serves the base with training's
+    tokenizer and template, which the adapter folder holds."""
+    if args.model:
+        return check_model_dir(common.path_in_repo(args.model))
+    merged = os.path.join(run_path, "merged")
+    if os.path.isdir(merged) and not args.lora:
+        return check_model_dir(merged)
+    if detect_engine(cfg) == "vllm":
+        return os.path.join(run_path, "adapter")
+    raise DeployError(f"{merged} does not exist, and the server at {endpoint_url(cfg)} is not vLLM, so it cannot be "
+                      f"serving the adapter unmerged; pass --model with the folder it serves, or run "
+                      f"`python deploy.py merge --run {run_path}` and serve the merged folder")
+
+
 def interrupt(signum, frame):
     raise KeyboardInterrupt
 
@@ -1082,13 +1106,15 @@ def main():
             model_dir, adapter_dir = serve_target(cfg, args, run_path, train_cfg)
             serve_forever(start_server(cfg, model_dir, os.path.join(run_path, "serve.log"), adapter_dir))
             return
-        model_dir, adapter_dir = serve_target(cfg, args, run_path, train_cfg)
         proc = None
         if args.step == "all":
+            model_dir, adapter_dir = serve_target(cfg, args, run_path, train_cfg)
             proc = start_server(cfg, model_dir, os.path.join(run_path, "serve.log"), adapter_dir)
         elif not server_up(cfg):
             raise DeployError(f"no server answers at {endpoint_url(cfg)}; start one with `python deploy.py serve` "
                               f"(or `all` to serve, test and perf in one go)")
+        else:
+            model_dir = running_server_folder(cfg, args, run_path)
         try:
             if args.step in ("test", "all"):
                 check_endpoint(cfg, train_cfg, os.path.join(run_path, "adapter"), model_dir,

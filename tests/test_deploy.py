@@ -6,6 +6,7 @@ real: a busy port, missing/incomplete model folders, vLLM absent, a server that 
     .venv/bin/python -m pytest tests/test_deploy.py -x -q
 """
 
+import argparse
 import json
 import os
 import shutil
@@ -161,6 +162,45 @@ def test_merged_tokenizer_passes_vllms_grammar_engine(merged_dir):
         assert matcher.accept_token(tokenizer.convert_tokens_to_ids(common.IM_END)) and matcher.is_terminated()
 
 
+def hub_cache_with(model_dir, repo_id, cache):
+    """The layout huggingface_hub leaves after a download: models--org--name/{refs/main, snapshots/<sha>/}."""
+    sha = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / ("models--" + repo_id.replace("/", "--"))
+    shutil.copytree(model_dir, repo / "snapshots" / sha)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(sha)
+    return repo / "snapshots" / sha
+
+
+def test_merge_works_offline_with_the_base_only_in_the_hub_cache(run_path, overrides, demo_model_dir, tmp_path):
+    """model.name a hub id, no folder of that name, the hub unreachable (HF_HUB_OFFLINE=1): the merge takes the
+    cached snapshot. Without the snapshot it fails with a clear error, not a traceback."""
+    repo_id = "test-org/SmolLM2-135M-Instruct"
+    run = tmp_path / "hub-run"
+    shutil.copytree(os.path.join(run_path, "adapter"), run / "adapter")
+    with open(os.path.join(run_path, "config.json"), encoding="utf-8") as f:
+        saved = json.load(f)
+    saved["config"]["model"]["name"] = repo_id
+    (run / "config.json").write_text(json.dumps(saved))
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+
+    def merge():
+        return subprocess.run([sys.executable, os.path.join(common.ROOT, "deploy.py"), "merge", "--run", str(run),
+                               "--no-gguf", "--profile", "demo", *[x for o in overrides for x in ("--set", o)]],
+                              capture_output=True, text=True, timeout=300, cwd=common.ROOT, env=env)
+    missing = merge()
+    assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
+    assert f"the merge base {repo_id} is neither a local folder nor in the hub cache" in missing.stderr
+    snapshot = hub_cache_with(demo_model_dir, repo_id, tmp_path / "hub-cache")
+    env["HF_HUB_CACHE"] = str(tmp_path / "hub-cache")
+    done = merge()
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert f"onto the 16-bit base {snapshot}" in done.stdout
+    with open(run / "merged" / "merge_check.json", encoding="utf-8") as f:
+        check = json.load(f)
+    assert check["passed"] and check["base"] == str(snapshot) and check["adapter_effect_max_abs"] > 0
+
+
 def test_merge_refuses_a_quantized_base(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen3",
                                                       "quantization_config": {"quant_method": "bitsandbytes"}}))
@@ -244,6 +284,18 @@ def test_perf_writes_report(server, cfg, run_path, merged_dir):
     assert json.load(open(os.path.join(out, "perf.json")))["levels"] == result["levels"]
     assert open(os.path.join(out, "perf.md")).read().count("\n| ") == 3  # header + 2 levels
     assert os.path.getsize(os.path.join(out, "perf.png")) > 10_000
+
+
+def test_test_and_perf_find_the_folder_the_server_serves(server, cfg, run_path, merged_dir, tmp_path):
+    """`deploy.py test|perf` without a merged folder: fine for a vLLM server in LoRA mode (the adapter holds the
+    tokenizer), a clear error against `transformers serve`, which serves merged folders only."""
+    args = argparse.Namespace(model=None, lora=False)
+    assert deploy.running_server_folder(cfg, args, run_path) == merged_dir
+    bare = tmp_path / "run-without-merge"
+    shutil.copytree(os.path.join(run_path, "adapter"), bare / "adapter")
+    with pytest.raises(deploy.DeployError, match="is not vLLM, so it cannot be serving the adapter unmerged"):
+        deploy.running_server_folder(cfg, args, str(bare))
+    assert deploy.running_server_folder(cfg, argparse.Namespace(model=merged_dir, lora=False), str(bare)) == merged_dir
 
 
 def test_port_in_use_is_refused(server, cfg, merged_dir, tmp_path):
@@ -375,6 +427,9 @@ def test_vllm_command_flags(run_path, tmp_path):
     lora = " ".join(deploy.vllm_command(cfg, "/models/base", adapter, deploy.vllm_settings(cfg, memory_gb=16)))
     assert f"--enable-lora --lora-modules qwen3-4b-sft={adapter}" in lora and "--max-lora-rank 16" in lora
     assert f"--chat-template {adapter}/chat_template.jinja" in lora and "--served-model-name" not in lora
+    # The unmerged base has no generation_config.json of ours: the deploy sampling goes on the command line.
+    assert '--override-generation-config {"temperature": 0.7, "top_p": 0.8, "top_k": 20}' in lora
+    assert "--override-generation-config" not in joined
 
 
 def test_16bit_merge_check_ignores_ties_but_catches_clear_flips():
