@@ -394,9 +394,10 @@ def base_model_path(name):
             try:
                 path = snapshot_download(name)
             except (OSError, HfHubHTTPError) as err:  # offline mode, no network, unknown repo
+                reason = str(err).partition("\n")[0]
                 raise DeployError(f"the merge base {name} is neither a local folder nor in the hub cache, and the "
-                                  f"download failed ({type(err).__name__}: {str(err).splitlines()[0]}); download it "
-                                  f"once where the hub is reachable, or set model.name to a local folder") from None
+                                  f"download failed ({type(err).__name__}: {reason}); download it once where the "
+                                  f"hub is reachable, or set model.name to a local folder") from None
     with open(os.path.join(path, "config.json"), encoding="utf-8") as f:
         quant = json.load(f).get("quantization_config")
     if quant or "bnb-4bit" in name.lower():
@@ -1040,8 +1041,9 @@ def running_server_folder(cfg, args, run_path):
         return check_model_dir(merged)
     if detect_engine(cfg) == "vllm":
         return os.path.join(run_path, "adapter")
-    raise DeployError(f"{merged} does not exist, and the server at {endpoint_url(cfg)} is not vLLM, so it cannot be "
-                      f"serving the adapter unmerged; pass --model with the folder it serves, or run "
+    why = "--lora was given" if args.lora else f"{merged} does not exist"
+    raise DeployError(f"the server at {endpoint_url(cfg)} is not vLLM, so it cannot be serving the adapter unmerged "
+                      f"({why}); pass --model with the folder it serves, or run "
                       f"`python deploy.py merge --run {run_path}` and serve the merged folder")
 
 

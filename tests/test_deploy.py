@@ -295,6 +295,8 @@ def test_test_and_perf_find_the_folder_the_server_serves(server, cfg, run_path, 
     shutil.copytree(os.path.join(run_path, "adapter"), bare / "adapter")
     with pytest.raises(deploy.DeployError, match="is not vLLM, so it cannot be serving the adapter unmerged"):
         deploy.running_server_folder(cfg, args, str(bare))
+    with pytest.raises(deploy.DeployError, match=r"cannot be serving the adapter unmerged \(--lora was given\)"):
+        deploy.running_server_folder(cfg, argparse.Namespace(model=None, lora=True), run_path)
     assert deploy.running_server_folder(cfg, argparse.Namespace(model=merged_dir, lora=False), str(bare)) == merged_dir
 
 
