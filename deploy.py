@@ -193,8 +193,7 @@ def vllm_command(cfg, model_dir, adapter_dir=None, settings=None):
         if os.path.isfile(template):  # the base's own template may differ from the one training rendered with
             cmd += ["--chat-template", template]
         # The merged folder ships generation_config.json with the deploy sampling; the base folder may not.
-        sampling = {k: s[k] for k in ("temperature", "top_p", "top_k")}
-        cmd += ["--override-generation-config", json.dumps(sampling)]
+        cmd += ["--override-generation-config", json.dumps(served_sampling(s))]
     else:
         cmd += ["--served-model-name", s["served_model_name"]]
     if s["api_key"]:
@@ -441,6 +440,11 @@ def compare_logits(reference, merged, dtype_name):
     return result
 
 
+def served_sampling(deploy_cfg):
+    """The served model's default sampling (Qwen3-2507's), as generation-config keys."""
+    return {k: deploy_cfg[k] for k in ("temperature", "top_p", "top_k")}
+
+
 def generation_config_for(cfg, model_dir, tokenizer):
     """The base's generation config with Qwen3-2507's sampling and both ChatML stop tokens."""
     from transformers import GenerationConfig
@@ -448,11 +452,10 @@ def generation_config_for(cfg, model_dir, tokenizer):
         gen = GenerationConfig.from_pretrained(model_dir)
     except OSError:
         gen = GenerationConfig()
-    d = cfg["deploy"]
     stops = [tokenizer.convert_tokens_to_ids(t) for t in (common.IM_END, "<|endoftext|>")]
     stops = [i for i in stops if i is not None and i != tokenizer.unk_token_id]
-    gen.update(do_sample=True, temperature=d["temperature"], top_p=d["top_p"], top_k=d["top_k"],
-               eos_token_id=stops, pad_token_id=tokenizer.pad_token_id)
+    gen.update(do_sample=True, **served_sampling(cfg["deploy"]), eos_token_id=stops,
+               pad_token_id=tokenizer.pad_token_id)
     return gen
 
 

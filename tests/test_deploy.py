@@ -66,10 +66,10 @@ def run_path(cfg, demo_model_dir):
     return path
 
 
-def run_cli(args, overrides, timeout=300):
+def run_cli(args, overrides, timeout=300, env=None):
     return subprocess.run([sys.executable, os.path.join(common.ROOT, "deploy.py"), *args, "--profile", "demo",
                            *[x for o in overrides for x in ("--set", o)]],
-                          capture_output=True, text=True, timeout=timeout, cwd=common.ROOT)
+                          capture_output=True, text=True, timeout=timeout, cwd=common.ROOT, env=env)
 
 
 @pytest.fixture(scope="session")
@@ -183,17 +183,12 @@ def test_merge_works_offline_with_the_base_only_in_the_hub_cache(run_path, overr
     saved["config"]["model"]["name"] = repo_id
     (run / "config.json").write_text(json.dumps(saved))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
-
-    def merge():
-        return subprocess.run([sys.executable, os.path.join(common.ROOT, "deploy.py"), "merge", "--run", str(run),
-                               "--no-gguf", "--profile", "demo", *[x for o in overrides for x in ("--set", o)]],
-                              capture_output=True, text=True, timeout=300, cwd=common.ROOT, env=env)
-    missing = merge()
+    missing = run_cli(["merge", "--run", str(run), "--no-gguf"], overrides, env=env)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
     assert f"the merge base {repo_id} is neither a local folder nor in the hub cache" in missing.stderr
     snapshot = hub_cache_with(demo_model_dir, repo_id, tmp_path / "hub-cache")
     env["HF_HUB_CACHE"] = str(tmp_path / "hub-cache")
-    done = merge()
+    done = run_cli(["merge", "--run", str(run), "--no-gguf"], overrides, env=env)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert f"onto the 16-bit base {snapshot}" in done.stdout
     with open(run / "merged" / "merge_check.json", encoding="utf-8") as f:
