@@ -148,11 +148,7 @@ def check_gpus(info):
                     "for Qwen3-4B: a CUDA GPU with 16 GB or more, the NVIDIA driver R580+ and its nvidia-smi")
     listing = "; ".join(f"{i}: {g['name']}, " + (f"{g['mib'] / 1024:.0f} GiB" if g["mib"] else "memory not reported")
                         for i, g in enumerate(info["gpus"]))
-    smallest = min((g["mib"] for g in info["gpus"] if g["mib"]), default=None)
-    if smallest and smallest < 15 * 1024:
-        return line(WARN, "GPU", listing, "under 16 GB per GPU: lower model.max_seq_length and the batch "
-                                          "(see README 'Out of memory: remedies in order')")
-    return line(OK, "GPU", listing)
+    return line(OK, "GPU", listing)  # whether the model fits is the memory lines' call
 
 
 def torch_cuda_build(paths):
@@ -231,7 +227,10 @@ def installed_versions(names):
 
 
 def check_packages(pins, installed, stack):
-    """One line per package: installed version against the stack's pin."""
+    """One line per package: installed version against the stack's pin (one line when none is installed yet)."""
+    if not any(installed.get(name) for name in PACKAGES if name in pins):
+        return [line(WARN, "Packages", f"none of {stack}'s pins installed in this Python yet",
+                     f"./run.sh installs {stack} into .venv on its first run (./run.sh doctor then uses .venv)")]
     lines = []
     for name in PACKAGES:
         pin, have = pins.get(name), installed.get(name)
@@ -480,7 +479,7 @@ def explain_pip_failure(log, python=None, plat=None):
     and the likely cause."""
     python = python or ".".join(map(str, sys.version_info[:2]))
     plat = plat or f"{platform.system()} {platform.machine()}"
-    collected = re.findall(r"^(?:Collecting|Downloading|Building wheel for) ([A-Za-z0-9_.\-]+)", log, re.M)
+    collected = re.findall(r"^\s*(?:Collecting|Building wheel for) ([A-Za-z0-9_.\-]+)", log, re.M)
     for pattern, cause in PIP_CAUSES:
         found = re.search(pattern, log)
         if found:
