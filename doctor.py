@@ -18,7 +18,6 @@ run.sh also calls `python3 doctor.py --driver-gate` before it installs the GPU s
 import argparse
 import contextlib
 import glob
-import hashlib
 import io
 import json
 import os
@@ -500,7 +499,7 @@ def stack_for(info):
 
 def gpu_stack_installed(venv):
     """run.sh's stamp for the current requirements.txt in .venv."""
-    digest = hashlib.md5(open(common.path_in_repo("requirements.txt"), "rb").read()).hexdigest()[:12]
+    digest = common.file_md5(common.path_in_repo("requirements.txt"))[:12]
     return os.path.isfile(os.path.join(venv, f".installed-{digest}"))
 
 

@@ -94,6 +94,9 @@ def test_cuda12_commands_use_the_pinned_versions():
     assert (pins["torch"], pins["vllm"], pins["xformers"]) == ("2.11.0", "0.25.0", "0.0.35")
     assert "torch==2.11.0 " in doctor.CUDA12_COMMANDS and "xformers==0.0.35 " in doctor.CUDA12_COMMANDS
     assert "/v0.25.0/vllm-0.25.0+cu129-" in doctor.CUDA12_COMMANDS
+    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    assert all(command in readme for command in doctor.CUDA12_COMMANDS.splitlines())  # README's "Before you start"
 
 
 # ---------------------------------------------------------------- packages
