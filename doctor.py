@@ -49,7 +49,7 @@ PINNED_CUDA = 13  # requirements.txt's torch 2.11.0 wheels are CUDA 13.0 builds 
 # its own index; vLLM 0.25.0's CUDA 12 build is its +cu129 release wheel (it publishes no cu128 build), which
 # runs on the CUDA 12.8 torch and, like it, on any R525+ driver. tests/test_doctor.py ties these to the pins.
 CUDA12_COMMANDS = """\
-python3 -m venv .venv
+python3 -m venv --clear .venv    # emptied: pip would keep a CUDA 13 torch 2.11.0 already there
 .venv/bin/python -m pip install torch==2.11.0 torchvision==0.26.0 torchaudio==2.11.0 --index-url https://download.pytorch.org/whl/cu128
 .venv/bin/python -m pip install xformers==0.0.35 --index-url https://download.pytorch.org/whl/cu128
 .venv/bin/python -m pip install https://github.com/vllm-project/vllm/releases/download/v0.25.0/vllm-0.25.0+cu129-cp38-abi3-manylinux_2_28_x86_64.whl --extra-index-url https://download.pytorch.org/whl/cu128
@@ -273,17 +273,15 @@ def model_files(name, cache_dir):
 
 
 def model_shape(name, config_path):
-    """The model's text config as attributes (what train.count_params reads), and where it came from."""
+    """The model's text config as attributes (what train.count_params reads); None when unknown."""
     if config_path:
         with open(config_path, encoding="utf-8") as f:
             shape = json.load(f)
-        return types.SimpleNamespace(**shape.get("text_config", shape)), config_path
-    if name in KNOWN_SHAPES:
-        return types.SimpleNamespace(**KNOWN_SHAPES[name]), f"{name}'s config.json, as known to doctor.py"
-    return None, None
+        return types.SimpleNamespace(**shape.get("text_config", shape))
+    return types.SimpleNamespace(**KNOWN_SHAPES[name]) if name in KNOWN_SHAPES else None
 
 
-def disk_needs(cfg, mc, model_cached, venv_path, gpu_stack_installed):
+def disk_needs(cfg, mc, model_cached, venv_path, stack_ready):
     """[(what, path, bytes)] a run of this config writes. The hub's checkpoint and the merged copy are 16-bit
     (2 B/param; 4 under model.dtype=float32); a training checkpoint holds the fp32 LoRA weights plus the
     optimizer's two moments (1 B each for adamw_8bit, 4 B each otherwise), save_total_limit of them."""
@@ -295,7 +293,7 @@ def disk_needs(cfg, mc, model_cached, venv_path, gpu_stack_installed):
              ("merged copy", outputs, total * width),
              ("checkpoints", outputs, cfg["training"]["save_total_limit"] * lora * (4 + moments) + lora * 4),
              ("datasets", common.path_in_repo(os.path.dirname(cfg["data"]["processed_dir"]) or "."), DATASETS_BYTES)]
-    if venv_path and not gpu_stack_installed:
+    if venv_path and not stack_ready:
         needs.append(("GPU stack in .venv", venv_path, GPU_STACK_BYTES))
     return needs
 
@@ -442,10 +440,14 @@ def check_memory(cfg, mc, gpus):
             f"(max_num_seqs {settings['max_num_seqs']})")
     if room >= per_seq:
         lines.append(line(OK, "vLLM memory", text))
-    else:
+    elif room > 0:
         lines.append(line(FAIL, "vLLM memory", text,
                           f"vLLM will refuse to start: --set deploy.max_model_len={max(2048, settings['max_model_len'] // 4)}"
                           f" or --set deploy.kv_cache_dtype=fp8"))
+    else:
+        lines.append(line(FAIL, "vLLM memory", text,
+                          "vLLM will refuse to start: the 16-bit weights alone do not fit; serve on a bigger GPU or "
+                          "on two (--set deploy.tensor_parallel_size=2), or deploy.engine=transformers"))
     return lines
 
 
@@ -507,7 +509,7 @@ def collect(cfg, info):
     stack = stack_for(info)
     name = cfg["model"]["name"]
     config_path, cached = model_files(name, hub_cache_dir())
-    mc, _ = model_shape(name, config_path)
+    mc = model_shape(name, config_path)
     venv = common.path_in_repo(".venv")
     lines = [check_os(platform.system(), platform.release(), platform.machine()),
              check_python(sys.version_info, sys.executable),
@@ -516,6 +518,9 @@ def collect(cfg, info):
     lines += check_packages(read_pins(common.path_in_repo(stack)), installed_versions(PACKAGES), stack)
     if mc is not None:
         lines += check_disk(disk_needs(cfg, mc, cached, venv if info["gpus"] else None, gpu_stack_installed(venv)))
+    else:
+        lines.append(line(WARN, "Disk", f"the size of {name} is unknown until its config.json is here",
+                          "a model of N billion parameters takes about 2N GB as weights and 2N GB as the merged copy"))
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
     lines += check_hubs(hub_targets(), cfg["data"]["hub_timeout_s"], offline, cached)
     lines += check_memory(cfg, mc, info["gpus"])

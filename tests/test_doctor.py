@@ -124,7 +124,7 @@ def test_check_packages_against_pins():
 
 def qwen_needs(venv="/v/.venv"):
     cfg = config.build_config(None, ["output.dir=/data/outputs", "data.processed_dir=/data/ds/processed"])
-    return doctor.disk_needs(cfg, QWEN3_4B, model_cached=False, venv_path=venv, gpu_stack_installed=False)
+    return doctor.disk_needs(cfg, QWEN3_4B, model_cached=False, venv_path=venv, stack_ready=False)
 
 
 def test_disk_needs_of_a_qwen3_4b_run():
