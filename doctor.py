@@ -331,7 +331,8 @@ def check_disk(needs, free_of=free_space):
     lines = []
     for fs in by_fs.values():
         need = sum(size for _, size in fs["items"])
-        items = ", ".join(f"{what} {size / GB:.1f} GB" if size else f"{what} already here" for what, size in fs["items"])
+        items = ", ".join(f"{what} {size / GB:.1f} GB" if size else f"{what} already here"
+                          for what, size in fs["items"])
         places = ", ".join(dict.fromkeys(short_path(p) for p in fs["paths"]))
         text = f"{fs['free'] / GB:.1f} GB free where {places} go; a run needs {need / GB:.1f} GB ({items})"
         if fs["free"] >= need:
@@ -441,9 +442,9 @@ def check_memory(cfg, mc, gpus):
     if room >= per_seq:
         lines.append(line(OK, "vLLM memory", text))
     elif room > 0:
-        lines.append(line(FAIL, "vLLM memory", text,
-                          f"vLLM will refuse to start: --set deploy.max_model_len={max(2048, settings['max_model_len'] // 4)}"
-                          f" or --set deploy.kv_cache_dtype=fp8"))
+        shorter = max(2048, settings["max_model_len"] // 4)
+        lines.append(line(FAIL, "vLLM memory", text, f"vLLM will refuse to start: --set deploy.max_model_len={shorter}"
+                                                     f" or --set deploy.kv_cache_dtype=fp8"))
     else:
         lines.append(line(FAIL, "vLLM memory", text,
                           "vLLM will refuse to start: the 16-bit weights alone do not fit; serve on a bigger GPU or "
@@ -550,7 +551,8 @@ def main():
     parser = config.add_config_args(argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument("--driver-gate", action="store_true",
-                        help="only check the driver against .venv's torch (or the pinned CUDA 13 wheels); exit 1 if too old")
+                        help="only check the driver against .venv's torch (else the pinned CUDA 13 wheels); "
+                             "exit 1 if too old")
     parser.add_argument("--explain-pip-log", metavar="FILE", help="print one line saying why this pip log failed")
     args = parser.parse_args()
     if args.explain_pip_log:
