@@ -354,7 +354,7 @@ def hub_targets():
             ("ModelScope", "www.modelscope.cn", HUB_PORT)]
 
 
-def check_hubs(targets, timeout_s, offline, model_cached, probe=obj_test_model.hub_reachable):
+def check_hubs(targets, timeout_s, offline, model_cached, model="MODEL", probe=obj_test_model.hub_reachable):
     """One line per hub, probed at once (a TCP connection within timeout_s); HF_HUB_OFFLINE=1 skips them."""
     if offline:
         return [line(OK if model_cached else FAIL, "Hubs", "skipped: HF_HUB_OFFLINE=1",
@@ -370,8 +370,8 @@ def check_hubs(targets, timeout_s, offline, model_cached, probe=obj_test_model.h
         elif name == "Hugging Face" and not model_cached:
             lines.append(line(FAIL, name, f"{where} not reachable within {timeout_s:g} s, and the base model is "
                                           f"neither a local folder nor cached",
-                              "download it where the hub answers (hf download MODEL) and --set model.name=/path, "
-                              "or set HF_ENDPOINT to a mirror"))
+                              f"download it where the hub answers (hf download {model}) and --set model.name=/path, "
+                              f"or set HF_ENDPOINT to a mirror"))
         elif name == "Hugging Face":
             lines.append(line(WARN, name, f"{where} not reachable within {timeout_s:g} s",
                               "fine offline: the model is local or cached; build_datasets.py uses dataset/raw/"))
@@ -523,7 +523,7 @@ def collect(cfg, info):
         lines.append(line(WARN, "Disk", f"the size of {name} is unknown until its config.json is here",
                           "a model of N billion parameters takes about 2N GB as weights and 2N GB as the merged copy"))
     offline = os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
-    lines += check_hubs(hub_targets(), cfg["data"]["hub_timeout_s"], offline, cached)
+    lines += check_hubs(hub_targets(), cfg["data"]["hub_timeout_s"], offline, cached, name)
     lines += check_memory(cfg, mc, info["gpus"])
     return lines
 
