@@ -40,9 +40,12 @@ RANK, WORLD_SIZE, LOCAL_RANK = (int(os.environ.get(k, d)) for k, d in
                                 (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
 IS_MAIN = RANK == 0  # only rank 0 prints and writes outputs
 GIB = 1024 ** 3
-# Memory-profile presets; accumulation is recomputed so batch × accumulation stays what the config says.
-PRESETS = {"16gb": {}, "40gb": {"per_device_train_batch_size": 4, "gradient_checkpointing": False},
-           "80gb": {"per_device_train_batch_size": 8, "gradient_checkpointing": False}}
+# Memory-profile presets, smallest card first: GiB the card must have (what torch reports for it), then the
+# settings; accumulation is recomputed so batch × accumulation stays what the config says.
+PRESETS = {"16gb": (0, {}),
+           "24gb": (22, {"per_device_train_batch_size": 2, "gradient_checkpointing": False}),
+           "40gb": (36, {"per_device_train_batch_size": 4, "gradient_checkpointing": False}),
+           "80gb": (70, {"per_device_train_batch_size": 8, "gradient_checkpointing": False})}
 # Three chats of different shapes (system prompt, multi-turn) for the packing-isolation check.
 PROBE_CHATS = [
     [{"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "17 + 25 = 42."}],
@@ -88,6 +91,15 @@ def pick_backend(cfg):
         return "transformers", "no CUDA GPU: transformers + PEFT LoRA in fp32, no 4-bit, adamw_torch"
     why = "requested" if want == "transformers" else "Unsloth is not installed"
     return "transformers", f"transformers + PEFT on CUDA ({why})"
+
+
+def use_expandable_segments(cfg):
+    """training.expandable_segments: set the allocator option before CUDA allocates anything; the user's own
+    PYTORCH_CUDA_ALLOC_CONF is left as it is. Returns what the allocator will use, for the plan line."""
+    if not cfg["training"]["expandable_segments"]:
+        return os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "default")
+    os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+    return os.environ["PYTORCH_CUDA_ALLOC_CONF"]
 
 
 def gpu_memory_bytes():
@@ -169,12 +181,13 @@ def apply_memory_profile(cfg, plan, mc, gpu_bytes):
     if gpu_bytes is None or profile == "config":
         return plan
     gib = gpu_bytes / GIB
-    start = profile if profile != "auto" else "80gb" if gib >= 70 else "40gb" if gib >= 36 else "16gb"
     names = list(PRESETS)
+    start = profile if profile != "auto" else [name for name in names if gib >= PRESETS[name][0]][-1]
     effective = plan["batch"] * plan["accum"]
     for name in reversed(names[:names.index(start) + 1]):  # the chosen preset, then smaller ones
-        trial = dict(plan, profile=name, **{"batch": PRESETS[name].get("per_device_train_batch_size", plan["batch"]),
-                                             "gradient_checkpointing": PRESETS[name].get(
+        preset = PRESETS[name][1]
+        trial = dict(plan, profile=name, **{"batch": preset.get("per_device_train_batch_size", plan["batch"]),
+                                             "gradient_checkpointing": preset.get(
                                                  "gradient_checkpointing", plan["gradient_checkpointing"])})
         trial["accum"] = max(1, round(effective / trial["batch"]))
         if estimate_memory(mc, cfg, trial)["train"] <= 0.9 * gib or name == "16gb" or profile != "auto":
@@ -878,8 +891,9 @@ def main():
     validate(cfg)
 
     # ---- backend first: Unsloth must be imported before transformers / trl / peft
+    allocator = use_expandable_segments(cfg)  # before anything touches CUDA
     backend, why = pick_backend(cfg)
-    say(f"Backend: {backend} ({why}); processes: {WORLD_SIZE}")
+    say(f"Backend: {backend} ({why}); processes: {WORLD_SIZE}; CUDA allocator: {allocator}")
 
     # ---- data and model checks, before any weight is loaded
     run_dir, resume_from = (None, None) if args.check_packing else resolve_run(cfg, args.resume)

@@ -12,8 +12,11 @@ process: Unsloth patches transformers when imported, and the baseline must not s
     python bench/bench_train.py --only trainpy-16gb  # one run; results merge into --out by name
     python bench/bench_train.py --tiny               # CPU smoke test: tiny shapes, seq 256, 4 steps
 
-Runs: trainpy-16gb (train.py, the config's defaults made for a 16 GB card), trainpy-auto (train.py with the
-memory profile it picks for this GPU), baseline (transformers + PEFT + bnb NF4 + TRL, batch --baseline-batch,
+Runs (VARIANTS): trainpy-<card> (train.py with that memory profile, in a process capped to what torch reports for
+such a card, so a profile that would not fit there runs out of memory here too), trainpy-16gb-* (other settings
+tried on the 16 GB budget), trainpy-auto (the profile train.py picks for this GPU, uncapped), unsloth-bare
+(FastLanguageModel + TRL SFTTrainer as Unsloth's notebooks set them up: batch 2 x 4, its checkpointing, packing on,
+the same data, timed over --bare-steps), baseline (transformers + PEFT + bnb NF4 + TRL, batch --baseline-batch,
 padded unless --baseline-packing on/auto and the packing check passes on it).
 Writes --out (default reports/bench_train.json: one entry per run, with device and date) and prints a
 Markdown table for docs/BENCHMARKS.md.
@@ -42,6 +45,23 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
 # Dense bf16 tensor-core peaks (TFLOPS) from the vendors' data sheets, by device-name substring.
 PEAK_TFLOPS = [("H100 PCIe", 756), ("H100", 989), ("H200", 989), ("B200", 2250), ("A100", 312), ("L40S", 362),
                ("L4", 121), ("4090", 165), ("A10G", 70)]
+# name -> (memory profile, GiB cap or None, config overrides). Caps: what torch reports for such cards (RTX 4080
+# 15.6, RTX 4090 23.6, A100-40GB 39.4, H100-80GB 79.1), so "auto" and the fit are judged as there.
+BATCH_1x16 = ["training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=16"]
+VARIANTS = {
+    "trainpy-16gb": ("16gb", 15.6, []),
+    "trainpy-16gb-gpuckpt": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=True"]),
+    "trainpy-16gb-1x16": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=False",
+                                         *BATCH_1x16]),
+    "trainpy-24gb": ("24gb", 23.6, []),
+    "trainpy-40gb": ("40gb", 39.4, []),
+    "trainpy-80gb": ("80gb", 79.1, []),
+    "trainpy-auto": ("auto", None, []),
+    "unsloth-bare": (None, None, []),
+    "baseline": (None, None, []),
+}
+GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-1x16", "trainpy-24gb", "trainpy-40gb",
+            "trainpy-80gb", "unsloth-bare"]
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not has but "
          "one all were can there been if more when will would who so no time some could them other than then "
          "number people water first way find long down day did get come made may part model train loss data "
@@ -119,12 +139,12 @@ def peak_flops(override):
     return next((tflops * 1e12 for key, tflops in PEAK_TFLOPS if key in name), None)
 
 
-def timing_hooks(trainer, warmup, accum):
-    """Count real tokens per collated micro-batch (in consumption order) and time the optimizer steps after
-    `warmup`; returns a dict filled during training."""
+def timing_hooks(trainer, warmup, accum, steps):
+    """Count real tokens per collated micro-batch (in consumption order) and time optimizer steps warmup+1 ..
+    warmup+steps (later ones, e.g. traced, are not timed); returns a dict filled during training."""
     import torch
     from transformers import TrainerCallback
-    stats = {"tokens": [], "start": None, "end": None}
+    stats = {"tokens": [], "start": None, "end": None, "timed_until": warmup + steps}
     collate = trainer.data_collator
 
     def counting(examples):
@@ -145,7 +165,8 @@ def timing_hooks(trainer, warmup, accum):
                 torch.cuda.synchronize()
             if state.global_step == warmup:
                 stats["start"] = time.perf_counter()
-            stats["end"] = time.perf_counter()
+            if state.global_step <= warmup + steps:
+                stats["end"] = time.perf_counter()
 
     trainer.add_callback(Timer())
     return stats
@@ -153,8 +174,8 @@ def timing_hooks(trainer, warmup, accum):
 
 def kernel_profile(start_step, steps):
     """torch.profiler over `steps` optimizer steps after `start_step`: prints where the GPU time goes (top ops by
-    self CUDA time) so tuning starts from a measurement. The profiled steps fall inside the timed window and run
-    slower, so the result records `traced_steps`: keep traced runs apart from timing runs (--tag)."""
+    self CUDA time) so tuning starts from a measurement. The profiled steps come after the timed ones (profiling
+    slows the steps it records); the result records `traced_steps`."""
     import torch
     from transformers import TrainerCallback
     activities = [torch.profiler.ProfilerActivity.CUDA]  # CPU events make the summary take minutes
@@ -177,7 +198,7 @@ def kernel_profile(start_step, steps):
 
 def finish(stats, trainer, warmup, accum, name, extra, shapes, lora_r, lengths, peak):
     import torch
-    steps = trainer.state.global_step - warmup
+    steps = min(trainer.state.global_step, stats["timed_until"]) - warmup
     tokens = sum(stats["tokens"][warmup * accum:(warmup + steps) * accum])
     seconds = stats["end"] - stats["start"]
     tps = tokens / seconds
@@ -193,10 +214,14 @@ def finish(stats, trainer, warmup, accum, name, extra, shapes, lora_r, lengths, 
 def run_trainpy(a, shapes, ds, lengths, peak):
     """train.py's own steps: backend, memory plan, model + LoRA, packing decision, SFTConfig, trainer."""
     import train
+    profile, cap, overrides = VARIANTS.get(a.worker, ("16gb", None, []))
     cfg = config.build_config(None, [f"model.name={a.model_dir}", f"model.max_seq_length={a.seq}",
-                                     f"training.memory_profile={a.profile}", f"training.max_steps={a.warmup + a.steps}",
+                                     f"training.memory_profile={profile}",
+                                     f"training.max_steps={a.warmup + a.steps + a.trace}",
                                      "training.save_steps=1000000", "training.logging_steps=1",
-                                     f"lora.r={a.lora_r}", *a.set])
+                                     f"lora.r={a.lora_r}", *overrides, *a.set])
+    allocator = train.use_expandable_segments(cfg)  # as train.py's main does, before CUDA allocates
+    cap_card(train, cap)
     backend, why = train.pick_backend(cfg)
     if backend == "unsloth":
         common.import_unsloth_first()
@@ -206,14 +231,52 @@ def run_trainpy(a, shapes, ds, lengths, peak):
     packing, note = train.decide_packing(model, tokenizer, cfg, plan)
     args = train.sft_args(cfg, plan, tempfile.mkdtemp(prefix="bench-"), packing, has_eval=False)
     trainer = train.build_trainer(model, tokenizer, args, ds)
-    stats = timing_hooks(trainer, a.warmup, plan["accum"])
-    if a.trace:
-        trainer.add_callback(kernel_profile(a.warmup, a.trace))
+    stats = timing_hooks(trainer, a.warmup, plan["accum"], a.steps)
+    if a.trace:  # after the timed steps: profiling slows the steps it records
+        trainer.add_callback(kernel_profile(a.warmup + a.steps, a.trace))
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
              "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1),
-             "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": a.set, "traced_steps": a.trace}
+             "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": overrides + a.set, "traced_steps": a.trace,
+             "cap_gib": cap, "allocator": allocator}
     return finish(stats, trainer, a.warmup, plan["accum"], a.worker, extra, shapes, a.lora_r, lengths, peak)
+
+
+def cap_card(train, cap_gib):
+    """Emulate a smaller card: the allocator may hold at most cap_gib (beyond it: out of memory), and train.py's
+    memory profile sees a card of that size."""
+    import torch
+    if not cap_gib or not torch.cuda.is_available():
+        return
+    total = torch.cuda.get_device_properties(0).total_memory
+    torch.cuda.set_per_process_memory_fraction(min(1.0, cap_gib * 1024 ** 3 / total))
+    train.gpu_memory_bytes = lambda: int(cap_gib * 1024 ** 3)
+
+
+def run_unsloth_bare(a, shapes, ds, lengths, peak):
+    """Unsloth as its notebooks use it: FastLanguageModel 4-bit, get_peft_model (r, alpha = r, dropout 0, all
+    seven projections, its offloaded checkpointing), TRL SFTTrainer with batch 2 x 4, adamw_8bit, packing on.
+    Our data as it is (input_ids + labels), so the tokens are the same; none of train.py's settings."""
+    import unsloth  # noqa: F401  (before transformers / trl / peft)
+    from unsloth import FastLanguageModel
+    from trl import SFTConfig, SFTTrainer
+    model, tokenizer = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=a.seq,
+                                                         load_in_4bit=True)
+    model = FastLanguageModel.get_peft_model(model, r=a.lora_r, lora_alpha=a.lora_r, lora_dropout=0,
+                                             target_modules=config.LINEAR_PROJECTIONS, bias="none",
+                                             use_gradient_checkpointing="unsloth", random_state=3407)
+    batch, accum = 2, 4
+    args = SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=batch,
+                     gradient_accumulation_steps=accum, warmup_steps=5, max_steps=a.warmup + a.bare_steps,
+                     learning_rate=2e-4, logging_steps=1, optim="adamw_8bit", weight_decay=0.01,
+                     lr_scheduler_type="linear", seed=3407, report_to="none", save_strategy="no",
+                     max_length=a.seq, packing=True)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=ds, args=args)
+    stats = timing_hooks(trainer, a.warmup, accum, a.bare_steps)
+    trainer.train()
+    extra = {"backend": "unsloth (bare, notebook settings)", "batch": batch, "accum": accum,
+             "checkpointing": "unsloth", "packing": "on (TRL, unchecked)", "lora_dropout": 0}
+    return finish(stats, trainer, a.warmup, accum, a.worker, extra, shapes, a.lora_r, lengths, peak)
 
 
 def run_baseline(a, shapes, ds, lengths, peak):
@@ -251,7 +314,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
         packing, message = train.check_packing_isolation(model, tokenizer, sft_config(True))
         note = ("packed, " if packing else "padded: ") + message
     trainer = train.build_trainer(model, tokenizer, sft_config(packing), ds)
-    stats = timing_hooks(trainer, a.warmup, accum)
+    stats = timing_hooks(trainer, a.warmup, accum, a.steps)
     trainer.train()
     extra = {"backend": "transformers+peft+bnb" if cuda else "transformers+peft (CPU)", "batch": a.baseline_batch,
              "lora_dropout": dropout,
@@ -267,7 +330,8 @@ def worker(a):
     lengths = [len(ids) for ids in ds["input_ids"]]
     peak = peak_flops(a.peak_tflops)
     try:
-        result = (run_baseline if a.worker == "baseline" else run_trainpy)(a, shapes, ds, lengths, peak)
+        run = {"baseline": run_baseline, "unsloth-bare": run_unsloth_bare}.get(a.worker, run_trainpy)
+        result = run(a, shapes, ds, lengths, peak)
     except torch.OutOfMemoryError as err:
         result = {"name": a.worker, "error": f"out of memory: {err}"[:300]}
     result["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
@@ -276,27 +340,35 @@ def worker(a):
         json.dump(result, f)
 
 
-def table(results, baseline_tps):
-    lines = ["| run | backend | batch × accum | checkpointing | LoRA dropout | packing | tokens/s | vs baseline "
-             "| peak alloc GiB | peak reserved GiB | MFU |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+def table(results, reference):
+    """Markdown rows; `reference` = (name, tokens/s) the speed column is divided by (unsloth-bare, else baseline)."""
+    ref_name, ref_tps = reference
+    lines = [f"| run | backend | card cap GiB | batch × accum | checkpointing | LoRA dropout | packing | tokens/s | "
+             f"vs {ref_name or '-'} | peak alloc GiB | peak reserved GiB | estimate GiB (vs reserved) | MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         if "error" in r:
-            lines.append(f"| {r['name']} | {r['error']} |" + " |" * 9)
+            lines.append(f"| {r['name']} | {r['error']} |" + " |" * 11)
             continue
-        ratio = f"{r['tokens_per_s'] / baseline_tps:.2f}×" if baseline_tps else "-"
+        ratio = f"{r['tokens_per_s'] / ref_tps:.2f}×" if ref_tps else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
-        lines.append(f"| {r['name']} | {r['backend']} | {r['batch']} × {r['accum']} | {r['checkpointing']} | "
-                     f"{r.get('lora_dropout', '-')} | "
+        estimate = "-"
+        if r.get("estimate_gib") and r.get("peak_reserved_gib"):
+            estimate = f"{r['estimate_gib']} ({100 * (r['estimate_gib'] / r['peak_reserved_gib'] - 1):+.0f}%)"
+        lines.append(f"| {r['name']} | {r['backend']} | {r.get('cap_gib') or '-'} | {r['batch']} × {r['accum']} | "
+                     f"{r['checkpointing']} | {r.get('lora_dropout', '-')} | "
                      f"{r['packing'].split(':')[0].split(',')[0]} | {r['tokens_per_s']:,.0f} | {ratio} | "
-                     f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} | {mfu} |")
+                     f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} | {estimate} | {mfu} |")
     return "\n".join(lines)
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Qwen3 shapes, seq 256, 4 steps")
-    parser.add_argument("--only", nargs="+", choices=["trainpy-16gb", "trainpy-auto", "baseline"],
-                        help="run only these (results merge into --out by name)")
+    parser.add_argument("--only", nargs="+", choices=list(VARIANTS),
+                        help=f"run only these (results merge into --out by name); default {' '.join(GPU_RUNS)}")
+    parser.add_argument("--bare-steps", type=int, default=20,
+                        help="timed steps for unsloth-bare (it plans attention per new segment length: >= 20)")
     parser.add_argument("--seq", type=int, default=None, help="max_seq_length (default 2048; --tiny 256)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; --tiny 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 3; --tiny 1)")
@@ -308,7 +380,8 @@ def main():
                         help="config override for the train.py runs, e.g. --set lora.lora_dropout=0.05")
     parser.add_argument("--tag", default="", help="suffix for the run names (name-TAG), to keep variants apart in --out")
     parser.add_argument("--trace", type=int, default=0, metavar="STEPS",
-                        help="profile STEPS optimizer steps after warmup in the train.py runs; print the top ops")
+                        help="profile STEPS optimizer steps after the timed ones in trainpy-16gb (the defaults); "
+                             "print the top ops")
     parser.add_argument("--baseline-packing", choices=["off", "auto", "on"], default="off",
                         help="off: padded batches (default); auto: pack if the isolation check passes on it")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
@@ -318,7 +391,6 @@ def main():
                              "are all a GPU machine without the hub needs)")
     parser.add_argument("--out", default=os.path.join(ROOT, "reports", "bench_train.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--profile", default="auto", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     a = parser.parse_args()
@@ -336,7 +408,7 @@ def main():
     build_model(a.model_dir, shapes, "float32" if a.tiny else "bfloat16", a.tokenizer)
     rows = 64 if a.tiny else 600  # 600 rows ≈ 0.5 M tokens: 13 steps of 16 packed rows × 2048
     data = build_data(a.model_dir, a.seq, rows)
-    names = a.only or (["trainpy-16gb", "baseline"] if a.tiny else ["trainpy-16gb", "trainpy-auto", "baseline"])
+    names = a.only or (["trainpy-16gb", "baseline"] if a.tiny else GPU_RUNS)
     results = {}
     if os.path.isfile(a.out):
         with open(a.out, encoding="utf-8") as f:
@@ -348,8 +420,9 @@ def main():
         steps = a.baseline_steps if name == "baseline" and a.baseline_steps else a.steps
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--result", result_path,
                "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(a.warmup),
-               "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch), "--trace", str(a.trace),
-               "--baseline-packing", a.baseline_packing, "--profile", "16gb" if name == "trainpy-16gb" else "auto"]
+               "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch),
+               "--trace", str(a.trace if name == "trainpy-16gb" else 0),
+               "--baseline-packing", a.baseline_packing, "--bare-steps", str(a.bare_steps)]
         cmd += ["--tiny"] * a.tiny + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
         cmd += [arg for kv in a.set for arg in ("--set", kv)]
         print(f"== {key}", flush=True)
@@ -366,15 +439,19 @@ def main():
     ordered = list(results.values())
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"seq": a.seq, "lora_r": a.lora_r, "shapes": shapes, "runs": ordered}, f, indent=2)
-    # The baseline of this invocation's tag when there is one, else the first baseline in --out.
-    baselines = sorted((r for r in ordered if r["name"].startswith("baseline") and "tokens_per_s" in r),
-                       key=lambda r: r["name"] != (f"baseline-{a.tag}" if a.tag else "baseline"))
-    baseline = baselines[0]["tokens_per_s"] if baselines else None
+    # Speeds relative to bare Unsloth of this invocation (else the baseline), of this tag when there is one.
+    reference = (None, None)
+    for kind in ("unsloth-bare", "baseline"):
+        found = sorted((r for r in ordered if r["name"].startswith(kind) and "tokens_per_s" in r),
+                       key=lambda r: r["name"] != (f"{kind}-{a.tag}" if a.tag else kind))
+        if found:
+            reference = (kind, found[0]["tokens_per_s"])
+            break
     device = next((r["device"] for r in ordered if "device" in r), "?")
     print(f"\nTraining throughput, {'tiny Qwen3' if a.tiny else 'Qwen3-4B-shaped (random weights)'}, seq {a.seq}, "
           f"QLoRA r={a.lora_r} all-linear, {a.steps} timed steps after {a.warmup}; {device}, "
           f"{time.strftime('%Y-%m-%d')}\n")
-    print(table(ordered, baseline))
+    print(table(ordered, reference))
     print(f"\nResults: {a.out}")
 
 

@@ -114,7 +114,7 @@ def test_defaults_have_the_issue_values():
     cfg = build_config()
     assert cfg["profile"] is None
     assert (cfg["lora"]["r"], cfg["lora"]["lora_alpha"], cfg["lora"]["lora_dropout"], cfg["lora"]["bias"]) == \
-        (16, 32, 0.05, "none")
+        (16, 32, 0.0, "none")
     assert len(cfg["lora"]["target_modules"]) == 7 and cfg["training"]["seed"] == 42
     assert (cfg["data"]["min_valid"], cfg["data"]["max_answer_chars"]) == (100, 3000)
     assert (cfg["deploy"]["max_model_len"], cfg["deploy"]["gpu_memory_utilization"], cfg["deploy"]["max_num_seqs"],
