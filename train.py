@@ -42,8 +42,13 @@ IS_MAIN = RANK == 0  # only rank 0 prints and writes outputs
 GIB = 1024 ** 3
 # Memory-profile presets, smallest card first: GiB the card must have (what torch reports for it), then the
 # settings; accumulation is recomputed so batch × accumulation stays what the config says.
+# H200 under a per-card memory cap, Qwen3-4B shape, seq 2048, LoRA dropout 0 (2026-12-02, docs/BENCHMARKS.md):
+# 16gb 8 x 2 with Unsloth's offloaded checkpointing 16.3k tokens/s at 7.4 GiB reserved; 8 x 2 with checkpointing
+# kept on the GPU 16.6k at 9.8 GiB (the 24gb preset); no checkpointing needs 4 rows (40gb: 20.1k at 29.4 GiB) or
+# 8 (80gb: 22.4k at 53.8 GiB with expandable segments); smaller micro-batches without it are slower (2 x 8
+# 11.7k, 1 x 16 6.4k): the GEMMs get too thin.
 PRESETS = {"16gb": (0, {}),
-           "24gb": (22, {"per_device_train_batch_size": 2, "gradient_checkpointing": False}),
+           "24gb": (22, {"per_device_train_batch_size": 8, "gradient_checkpointing": True}),
            "40gb": (36, {"per_device_train_batch_size": 4, "gradient_checkpointing": False}),
            "80gb": (70, {"per_device_train_batch_size": 8, "gradient_checkpointing": False})}
 # Three chats of different shapes (system prompt, multi-turn) for the packing-isolation check.
@@ -445,6 +450,12 @@ def trained_targets(batch):
     return (labels != -100).sum()
 
 
+def drop_uncounted_note(record):
+    """Logging filter: Unsloth warns that "`num_items_in_batch` could not be counted ... each micro-batch loss is a
+    mean" whenever the trainer passes no count, which ours never does: it normalises by its own count instead."""
+    return "could not be counted" not in str(record.msg)
+
+
 def build_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=()):
     """SFTTrainer whose optimizer-step loss is the mean over every trained token of the step.
 
@@ -455,7 +466,9 @@ def build_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=()):
     the count is ours: every micro-batch loss (a mean over its n_i targets) is scaled by n_i x k / N, N the
     step's targets over all k micro-batches (and ranks); the trainer then divides by k, and the step sums to
     sum(loss) / N, the same on every backend."""
+    import logging
     from trl import SFTTrainer
+    logging.getLogger("unsloth_zoo.log").addFilter(drop_uncounted_note)  # skips one already there
 
     class TokenMeanTrainer(SFTTrainer):
         step_targets = None

@@ -325,6 +325,12 @@ def run_baseline(a, shapes, ds, lengths, peak):
 def worker(a):
     import datasets
     import torch
+    import train
+    # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts (peak_flops below starts it): as early as
+    # train.py's main, from the config's default (a --set or the variable itself still wins). Not for the bare
+    # Unsloth and baseline runs: they keep their libraries' defaults.
+    if a.worker not in ("unsloth-bare", "baseline"):
+        train.use_expandable_segments(config.build_config(None, a.set))
     shapes = TINY if a.tiny else QWEN3_4B
     ds = datasets.load_from_disk(a.data)
     lengths = [len(ids) for ids in ds["input_ids"]]
