@@ -663,8 +663,8 @@ def content_text(content, where):
     for k, part in enumerate(content, 1):
         kind = part.get("type") if isinstance(part, dict) else None
         if kind not in ("text", "reasoning"):
-            raise RowError(f"content part {k} of {where} is {json.dumps(part, ensure_ascii=False)[:60]}: only "
-                           f"text (and reasoning) parts are supported")
+            raise RowError(f"content part {k} of {where} has type {kind!r}, not text (only text and reasoning "
+                           f"parts are supported)")
         value = part.get("text", part.get("value"))
         if not isinstance(value, str):
             raise RowError(f"content part {k} of {where} has no text (\"text\" or \"value\" string)")
@@ -901,8 +901,10 @@ def rebuild(messages, **fields):
 
 
 def cut_at_sentence_end(text, max_chars):
-    """The text up to its last sentence end within max_chars (SENTENCE_END), or None when there is none."""
-    ends = [m.end() for m in SENTENCE_END.finditer(text, 0, max_chars + 1) if m.end() <= max_chars]
+    """The text up to its last sentence end within max_chars (SENTENCE_END), or None when there is none. An inlined
+    <think> block is never cut: the end must come after its </think>."""
+    start = text.find("</think>") + len("</think>") if text.startswith("<think>") else 0
+    ends = [m.end() for m in SENTENCE_END.finditer(text, start, max_chars + 1) if m.end() <= max_chars]
     # finditer stops at max_chars + 1 so "." may see the character after it; an end past the limit is not taken.
     return text[:ends[-1]].rstrip() if ends else None
 
