@@ -182,7 +182,6 @@ def test_config_cli_prints_the_effective_config():
     (["data.sources.mine={'format': 'columns', 'local': 'x.csv', 'columns': {'prompt': 'q', 'anwser': 'a'}}"],
      "data.sources.mine.columns must be"),
     (["data.sources.mine=['messages', 'my.jsonl']"], "data.sources.mine must be a dict"),
-    (["eval.gates.max_ppl=1.2"], "Unknown gate eval.gates.max_ppl"),
 ])
 def test_values_and_source_fields_are_checked_when_the_config_is_built(items, message):
     with pytest.raises(ConfigError) as err:
