@@ -40,8 +40,9 @@ Formats (data.sources.<name>.format):
   messages  OpenAI style: messages with tool_calls / tool turns / reasoning_content; optional tools, tags; a last
             assistant turn may be tool calls (OpenAI's fine-tuning format); content as a string or text parts
             ({"type": "text", "text"} or LLaMA-Factory v1's {"type": "text", "value"}; "reasoning" parts too)
-Every row keeps an id: its own "id" field, else "<source>:<line>" (JSON array: "<source>:<record index>").
-  columns   any table with named columns: "columns": {"prompt": ..., "answer": ..., "system": ...}
+  columns   any table with named columns: "columns": {"prompt": ..., "answer": ..., "system": ..., "id": ...}
+Every row keeps an id: its own "id" field, else "<source>:<line>" (JSON array: "<source>:<record index>"; a source
+with several files: "<source>:<file>:<line>").
 Row layout of every output (Arrow and JSONL): see common.py (row_to_chat, load_split).
 
 Commands:
@@ -100,7 +101,7 @@ COLUMN_FIELDS = {
     "alpaca": ["instruction", "input", "output", "system"],
 }
 ROW_FORMATS = ("sharegpt", "messages")
-FORMATS = config.SOURCE_FORMATS  # (*COLUMN_FIELDS, "columns", *ROW_FORMATS)
+FORMATS = config.SOURCE_FORMATS  # the COLUMN_FIELDS formats, "columns" and the ROW_FORMATS
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
 # Splits a configured benchmark scores: training on them would inflate the scores.
 HELD_OUT = {"cmath_test": "EvalScope's `cmath` benchmark scores cmath_test; train on cmath_dev only"}
