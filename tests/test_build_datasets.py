@@ -723,3 +723,27 @@ def test_row_ids_follow_the_row_to_the_export(tmp_path):
     arrow = common.load_split({"data": {"processed_dir": str(tmp_path / "processed")}}, "train")
     jsonl = read_jsonl(tmp_path / "processed" / "train.jsonl")
     assert [r["id"] for r in arrow] == [r["id"] for r in jsonl]
+
+
+@pytest.mark.parametrize("name,content,fmt,said", [
+    ("garbage.parquet", b"PAR1 not a parquet file", "alpaca", "garbage.parquet: cannot read it (ArrowInvalid"),
+    ("rows.json", b'[{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}, 7]',
+     "messages", "rows.json[1]: not a JSON object: expected an object, got int"),
+    ("only_bad.jsonl", b'[1, 2]\n"text"\n{"messages": "hi"}\n', "messages",
+     "only_bad.jsonl:3: wrong type: 'messages' must be a non-empty list"),
+])
+def test_no_input_file_ends_in_a_traceback(tmp_path, name, content, fmt, said):
+    """Every problem is a reject with its place and reason, or one clear error for the whole build (these were a
+    pyarrow traceback, and datasets' IndexError once a source kept no row)."""
+    (tmp_path / name).write_bytes(content)
+    good = write(tmp_path / "good.jsonl", [json.dumps(msgs(f"q{i}?", f"a{i}.")) for i in range(6)])
+    sources = {"x": {"format": fmt, "local": str(tmp_path / name), "weight": 1},
+               "good": {"format": "messages", "local": good, "weight": 1}}
+    proc = run_cli(str(tmp_path), "--set", f"data.sources={sources!r}", "--set", "data.eval_files=[]",
+                   "--set", "data.min_valid=1")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert said in (proc.stderr if proc.returncode else proc.stdout)
+    assert not proc.returncode or proc.stderr.startswith("error: ")
+    if not proc.returncode:
+        rejects = read_jsonl(tmp_path / "processed" / "rejects.jsonl")
+        assert rejects and all(r["file"].endswith(name) for r in rejects)
