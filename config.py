@@ -210,6 +210,10 @@ CHOICES = {
     "deploy.engine": ("auto", "vllm", "transformers"),
     "deploy.perf_dataset": ("file", "random"),
 }
+# Keys whose default is None: None, or a value of this type (check_type has no default to compare with).
+NULLABLE = {"training.run_name": str, "data.total_size": int, "eval.ppl_max_samples": int, "eval.endpoint_model": str,
+            "eval.evalscope_limit": int, "eval.gates.max_ppl_ratio": float, "eval.gates.min_json_validity": float,
+            "eval.gates.min_usability": float, "deploy.api_key": str, "deploy.kv_cache_dtype": str}
 # The fields of one data.sources entry (build_datasets.py reads them) and the formats it converts.
 SOURCE_FORMATS = ("cmath", "mawps", "emoji", "alpaca", "columns", "sharegpt", "messages")
 SOURCE_FIELDS = {"format": "one of " + ", ".join(SOURCE_FORMATS), "local": "a path or None",
@@ -350,9 +354,20 @@ def validate(cfg):
         value = flat[key]
         if not any(value == a and type(value) is type(a) for a in allowed):
             raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    for key, kind in NULLABLE.items():
+        value = flat.get(key)
+        if value is not None and not is_a(value, kind):
+            quote = f" (quote it: --set {key}='{value}')" if kind is str else ""
+            raise ConfigError(f"{key} expects {kind.__name__} or None, got {value!r}{quote}")
     for name, src in cfg["data"]["sources"].items():
         check_source(f"data.sources.{name}", src)
     return cfg
+
+
+def is_a(value, kind):
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
 
 
 def check_source(key, src):

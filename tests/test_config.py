@@ -182,6 +182,11 @@ def test_config_cli_prints_the_effective_config():
     (["data.sources.mine={'format': 'columns', 'local': 'x.csv', 'columns': {'prompt': 'q', 'anwser': 'a'}}"],
      "data.sources.mine.columns must be"),
     (["data.sources.mine=['messages', 'my.jsonl']"], "data.sources.mine must be a dict"),
+    (["data.total_size=lots"], "data.total_size expects int or None, got 'lots'"),  # None default: was any value
+    (["data.total_size=True"], "data.total_size expects int or None, got True"),
+    (["eval.gates.min_usability=high"], "eval.gates.min_usability expects float or None, got 'high'"),
+    (["training.run_name=2024"], "training.run_name expects str or None, got 2024 (quote it: --set "
+                                 "training.run_name='2024')"),
 ])
 def test_values_and_source_fields_are_checked_when_the_config_is_built(items, message):
     with pytest.raises(ConfigError) as err:
@@ -191,7 +196,8 @@ def test_values_and_source_fields_are_checked_when_the_config_is_built(items, me
 
 def test_allowed_values_cover_the_defaults_and_the_documented_alternatives():
     cfg = build_config(None, ["data.use_hub=True", "deploy.perf_dataset=random", "data.overlong_answer_policy=drop",
-                              "training.gradient_checkpointing=False",
+                              "training.gradient_checkpointing=False", "data.total_size=500",
+                              "eval.gates.min_usability=1", "training.run_name='2024'",
                               "data.sources.mine={'format': 'columns', 'local': 'x.csv', 'weight': 0.2, "
                               "'columns': {'prompt': 'q', 'answer': 'a', 'id': 'qid'}, 'tags': ['x'], 'hub': None}"])
     assert cfg["data"]["overlong_answer_policy"] == "drop" and cfg["data"]["sources"]["mine"]["weight"] == 0.2
