@@ -4,14 +4,17 @@ Reads every source in CONFIG["data"]["sources"] from its hub name when reachable
 explicit data_files), else from its local path (JSONL, JSON, Parquet, CSV/TSV or a save_to_disk folder).
 Steps, each printed and counted in the report:
   1. load       one adapter per raw layout (formats below); unreadable rows go to rejects.jsonl
-  2. normalize  to {"messages": [...]}; control characters, CRs and trailing whitespace removed; assistant
-                answers over data.max_answer_chars truncated; reasoning_content dropped or inlined
+  2. normalize  to {"id", "messages": [...]}; control characters, CRs and trailing whitespace removed; assistant
+                answers over data.max_answer_chars cut at their last sentence end, or dropped
+                (data.overlong_answer_policy); reasoning_content dropped or inlined; turn order checked by
+                common.conversation_problems (the rule check_dataset.py applies too)
   3. tag        source + tags: the source's config tags, the row's own tags, and "json-only" (the answer is
                 only a JSON object), "multi-turn", "tools" where found
   4. dedup      md5 of the canonical messages (+ tools) within each pool; eval-overlap check (prompts also in
                 data.eval_files: flagged, dropped with --decontaminate); save_to_disk dataset/pools/<name>/
   5. mix        "resample": exact counts per weight, with replacement, total_size defaults to 0.9 x rows;
-                "interleave": datasets.interleave_datasets(probabilities, all_exhausted); both seeded
+                "interleave": each pool shuffled, then datasets.interleave_datasets(probabilities,
+                all_exhausted_without_replacement) cut at total_size: no row twice; both seeded
   6. dedup      after mixing: a text two sources share keeps only the first source's rows (repeats of one
                 row made by resampling are the asked weight and stay; the report counts them as epochs)
   7. split      shuffle, then train/validation with at least data.min_valid rows, by prompt group: prompts
@@ -19,7 +22,9 @@ Steps, each printed and counted in the report:
                 kept: "2+3" and "5+7" are different problems) never land on both sides; validation keeps one
                 copy of a row that resampling repeated
   8. export     <processed_dir>/train/ and validation/ (Arrow), train.jsonl, val.jsonl (UTF-8, not
-                ASCII-escaped), report.json, report.md, rejects.jsonl (file, line, reason), config.json
+                ASCII-escaped), report.json, report.md, rejects.jsonl (file, line or JSON-array record, reason),
+                config.json; written to <processed_dir>.tmp and swapped in at the end. A build that ends with
+                no rows or an empty split fails and leaves the previous build alone (<processed_dir>.failed/)
 Same seed and inputs -> byte-identical outputs (no timestamps in files; every order is seeded or sorted).
 Speed: Arrow/pyarrow column operations, md5 straight from Arrow buffers, one worker per source (data.num_proc,
 inputs over 32 MB); bench/bench_build.py builds 1M rows ~2-3x faster than a plain-Python loop (docs/BENCHMARKS.md).
@@ -27,12 +32,17 @@ inputs over 32 MB); bench/bench_build.py builds 1M rows ~2-3x faster than a plai
 Formats (data.sources.<name>.format):
   cmath     question (GitHub copy: input), golden -> math answer, bare or \\boxed{} (data.math_answer_style).
             Only dev is trained on: cmath_test is refused (EvalScope's `cmath` benchmark scores it).
-  mawps     MAWPS.csv: Question with N_00, N_01... = Numbers.split()[i]; Answer float (8.0 written 8)
+  mawps     MAWPS.csv: Question with N_00, N_01... (SVAMP / cv_mawps: number0, number1...) = Numbers.split()[i];
+            Answer float (8.0 written 8)
   emoji     question, answer_zh, falling back to answer_en (the DPO rejected side: counted in the report)
   alpaca    instruction, input, output (optional system)
   sharegpt  conversations [{from, value}]: human/gpt/system, function_call/observation; optional system, tools
-  messages  OpenAI style: messages with tool_calls / tool turns / reasoning_content; optional tools, tags
-  columns   any table with named columns: "columns": {"prompt": ..., "answer": ..., "system": ...}
+  messages  OpenAI style: messages with tool_calls / tool turns / reasoning_content; optional tools, tags; a last
+            assistant turn may be tool calls (OpenAI's fine-tuning format); content as a string or text parts
+            ({"type": "text", "text"} or LLaMA-Factory v1's {"type": "text", "value"}; "reasoning" parts too)
+  columns   any table with named columns: "columns": {"prompt": ..., "answer": ..., "system": ..., "id": ...}
+Every row keeps an id: its own "id" field, else "<source>:<line>" (JSON array: "<source>:<record index>"; a source
+with several files: "<source>:<file>:<line>").
 Row layout of every output (Arrow and JSONL): see common.py (row_to_chat, load_split).
 
 Commands:
@@ -79,7 +89,11 @@ PROMPT_NOISE = r"[\s\p{P}\p{S}\p{Z}]+"
 KEEPS_NFKC_NOT = (r"[^\x00-\x7f\x{4e00}-\x{9fff}\x{3000}-\x{3002}\x{300a}-\x{3011}\x{2014}\x{2018}\x{2019}"
                   r"\x{201c}\x{201d}\x{ff01}-\x{ff0f}\x{ff1a}-\x{ff20}\x{ff3b}-\x{ff40}\x{ff5b}-\x{ff5e}]")
 SURROGATE = re.compile("[\udc80-\udcff]")  # what errors="surrogateescape" makes of non-UTF-8 bytes
-PLACEHOLDER = re.compile(r"N_(\d\d)")
+# MAWPS writes N_00, N_01...; the SVAMP / cv_mawps CSVs number0, number1...: both index the Numbers column.
+PLACEHOLDER = re.compile(r"N_(\d\d)|\bnumber(\d+)")
+# Where an over-long answer may be cut: after a CJK 。！？；… or after . ! ? ; followed by a space, a newline or the
+# end ("3.5", "e.g.x" and "a.php?x=1" are not ends); closing quotes and brackets right after it stay.
+SENTENCE_END = re.compile(r"[。！？；…][\"'”’」』）)\]】]*|[.!?;][\"'”’)\]]*(?=\s|$)")
 COLUMN_FIELDS = {
     "cmath": ["question", "input", "golden"],
     "mawps": ["Question", "Numbers", "Answer"],
@@ -87,7 +101,7 @@ COLUMN_FIELDS = {
     "alpaca": ["instruction", "input", "output", "system"],
 }
 ROW_FORMATS = ("sharegpt", "messages")
-FORMATS = (*COLUMN_FIELDS, "columns", *ROW_FORMATS)
+FORMATS = config.SOURCE_FORMATS  # the COLUMN_FIELDS formats, "columns" and the ROW_FORMATS
 FILE_TYPES = (".jsonl", ".ndjson", ".json", ".parquet", ".csv", ".tsv")
 # Splits a configured benchmark scores: training on them would inflate the scores.
 HELD_OUT = {"cmath_test": "EvalScope's `cmath` benchmark scores cmath_test; train on cmath_dev only"}
@@ -114,27 +128,15 @@ class BuildError(Exception):
 def check_config(cfg):
     """The sources to build (weight > 0), checked; a clear error for anything wrong, before any heavy work."""
     data = cfg["data"]
-    if data["mix_mode"] not in ("resample", "interleave"):
-        raise BuildError(f"data.mix_mode must be 'resample' or 'interleave', got {data['mix_mode']!r}")
-    if data["reasoning_content"] not in ("drop", "inline"):
-        raise BuildError(f"data.reasoning_content must be 'drop' or 'inline', got {data['reasoning_content']!r}")
-    if data["math_answer_style"] not in ("plain", "boxed"):
-        raise BuildError(f"data.math_answer_style must be 'plain' or 'boxed', got {data['math_answer_style']!r}")
-    if data["use_hub"] not in ("auto", True, False):
-        raise BuildError(f"data.use_hub must be 'auto', True or False, got {data['use_hub']!r}")
+    try:  # allowed values, source fields and types (config.build_config did it too, unless cfg was edited since)
+        config.validate(cfg)
+    except config.ConfigError as err:
+        raise BuildError(str(err)) from None
     sources = {}
     for name, src in data["sources"].items():
-        if not isinstance(src, dict) or src.get("format") not in FORMATS:
-            fmt = src.get("format") if isinstance(src, dict) else src
-            raise BuildError(f"data.sources.{name}: unknown format {fmt!r}; known formats: {', '.join(FORMATS)}")
         weight = src.get("weight", 1.0)
-        if not isinstance(weight, (int, float)) or weight < 0:
-            raise BuildError(f"data.sources.{name}.weight must be a number >= 0, got {weight!r}")
         if weight == 0:
             continue
-        if src["format"] == "columns" and not (src.get("columns") or {}).get("prompt"):
-            raise BuildError(f"data.sources.{name}: format 'columns' needs \"columns\": "
-                             f"{{\"prompt\": ..., \"answer\": ...}}")
         for f in list(src.get("data_files") or []) + [src.get("local") or ""]:
             base = os.path.basename(str(f)).split(".")[0]
             if base in HELD_OUT:
@@ -191,8 +193,15 @@ def plan_inputs(name, src, cfg):
 # ---------------------------------------------------------------- 1. load: readers
 
 def reject(rejects, source, label, line, reason, raw=None):
+    """One rejected row. `line` is its line (text files), row (tables) or, for a JSON array, its record index:
+    normalize_source renames the key to "record" for those."""
     rejects.append({"source": source, "file": label, "line": int(line), "reason": reason,
                     "raw": None if raw is None else str(raw)[:300]})
+
+
+def place(r):
+    """A reject's place as a user finds it: file:line, or file[record] in a JSON array (0-based, as json.load)."""
+    return f"{r['file']}[{r['record']}]" if "record" in r else f"{r['file']}:{r['line']}"
 
 
 def reader_reason(reason):
@@ -276,34 +285,33 @@ def csv_fast(path, fields):
 
 
 def json_array_rows(path, source, label, rejects):
-    """(line, dict) for each element of a JSON array, with the line where the element starts."""
+    """(record index, dict) for each element of a JSON array (0-based, as json.load(f)[i] finds it)."""
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         text = f.read()
     decoder, rows = json.JSONDecoder(), []
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
         return None  # not an array: JSON Lines under a .json name
-    pos, line, last = pos + 1, 1, 0
+    pos, record = pos + 1, 0
     while True:
         while pos < len(text) and text[pos] in " \t\r\n,":
             pos += 1
         if pos >= len(text) or text[pos] == "]":
             break
-        line += text.count("\n", last, pos)
-        last = pos
         try:
             row, end = decoder.raw_decode(text, pos)
         except json.JSONDecodeError as err:
-            reject(rejects, source, label, line + text.count("\n", pos, err.pos),
-                   f"malformed JSON ({err.msg}); the rest of the file is skipped", text[pos:pos + 200])
+            reject(rejects, source, label, record, f"malformed JSON (line {text.count(chr(10), 0, err.pos) + 1}: "
+                   f"{err.msg}); the rest of the file is skipped", text[pos:pos + 200])
             break
         if SURROGATE.search(text, pos, end):
-            reject(rejects, source, label, line, "non-UTF-8 bytes", text[pos:end])
+            reject(rejects, source, label, record, "non-UTF-8 bytes", text[pos:end])
         elif not isinstance(row, dict):
-            reject(rejects, source, label, line, f"not a JSON object: expected an object, got {type(row).__name__}")
+            reject(rejects, source, label, record,
+                   f"not a JSON object: expected an object, got {type(row).__name__}")
         else:
-            rows.append((line, row))
-        pos = end
+            rows.append((record, row))
+        pos, record = end, record + 1
     return rows
 
 
@@ -364,7 +372,20 @@ def table_columns(table, fields, source, label, rejects):
 
 
 def load_input(kind, target, fields, source, label, rejects):
-    """Records of one input: a table of `fields` as strings (column formats), or [(line, dict)] (fields None)."""
+    """(records, unit) of one input: records are a table of `fields` as strings (column formats), or
+    [(line, dict)] (fields None); unit says what the line numbers count: "line", or "record" (a JSON array)."""
+    try:
+        rows = json_array_rows(target, source, label, rejects) if kind == "file" and os.path.isfile(target) \
+            and target.lower().endswith(".json") else None
+        if rows is not None:
+            return (rows if fields is None else dict_rows_to_table(rows, fields, source, label, rejects)), "record"
+        return read_input(kind, target, fields, source, label, rejects), "line"
+    except (OSError, ValueError, pa.ArrowException) as err:  # a whole file unreadable: one clear error
+        raise BuildError(f"{label}: cannot read it ({type(err).__name__}: {err})") from None
+
+
+def read_input(kind, target, fields, source, label, rejects):
+    """load_input for every layout but a JSON array."""
     if kind == "hub":
         import datasets
         repo, data_file = target
@@ -392,14 +413,12 @@ def load_input(kind, target, fields, source, label, rejects):
             return fast
         rows = csv_rows(path, source, label, rejects)
         return rows if fields is None else dict_rows_to_table(rows, fields, source, label, rejects)
-    rows = json_array_rows(path, source, label, rejects) if low.endswith(".json") else None
-    if rows is None:
-        if fields is not None:
-            fast = jsonl_fast(path, fields)
-            if fast is not None:
-                return fast
-        rows = list(common.read_jsonl(path, on_error=lambda line, reason, raw: reject(
-            rejects, source, label, line, reader_reason(reason), raw)))
+    if fields is not None:
+        fast = jsonl_fast(path, fields)
+        if fast is not None:
+            return fast
+    rows = list(common.read_jsonl(path, on_error=lambda line, reason, raw: reject(
+        rejects, source, label, line, reader_reason(reason), raw)))
     return rows if fields is None else dict_rows_to_table(rows, fields, source, label, rejects)
 
 
@@ -482,6 +501,7 @@ def adapt_cmath(t, src, cfg):
 
 
 SIMPLE_NUMBER = r"^-?\d+(\.\d+)?$"
+PAST_END = "placeholder past the end of Numbers (N_ij or numberI names the value at index ij or I)"
 
 
 def strip_zeros(arr):
@@ -513,10 +533,10 @@ def mawps_row(question, numbers, answer):
         answer = number_text(answer)
     except ValueError:
         return None, None, f"wrong type: Answer/Numbers must be numbers, got {answer!r} / {numbers!r}"
-    wanted = [int(m) for m in PLACEHOLDER.findall(question)]
+    wanted = [int(a or b) for a, b in PLACEHOLDER.findall(question)]
     if wanted and max(wanted) >= len(values):
-        return None, None, f"placeholder N_{max(wanted):02d} but Numbers has {len(values)} values"
-    return PLACEHOLDER.sub(lambda m: values[int(m.group(1))], question), answer, None
+        return None, None, PAST_END
+    return PLACEHOLDER.sub(lambda m: values[int(m.group(1) or m.group(2))], question), answer, None
 
 
 def list_starts(lists):
@@ -525,10 +545,10 @@ def list_starts(lists):
 
 
 def fill_placeholders(question, numbers):
-    """Question with each N_ij replaced by numbers[row][ij], without a row loop: the question is cut at the
-    placeholders ("a N_01 b" -> ["a ", "01", " b"]), odd pieces looked up, pieces joined again.
+    """Question with each N_ij (or numberI) replaced by numbers[row][ij], without a row loop: the question is cut
+    at the placeholders ("a N_01 b" -> ["a ", "01", " b"]), odd pieces looked up, pieces joined again.
     -> (prompt, mask of rows naming a placeholder past the end of Numbers)."""
-    parts = pc.split_pattern(pc.replace_substring_regex(question, r"N_(\d\d)", "\x00\\1\x00"), "\x00")
+    parts = pc.split_pattern(pc.replace_substring_regex(question, PLACEHOLDER.pattern, "\x00\\1\\2\x00"), "\x00")
     flat = parts.flatten()
     parents = np.asarray(pc.list_parent_indices(parts), dtype=np.int64)
     starts, lens = list_starts(parts)
@@ -577,7 +597,7 @@ def adapt_mawps(t, src, cfg):
         reason = pc.replace_with_mask(reason, mask, pa.array([o[2] for o in out], pa.string()))
         past_end[careful] = False
     reason = pc.coalesce(reason, first_reason(len(t), [
-        (past_end, "placeholder N_ij past the end of Numbers"), (blank(prompt), "empty question"),
+        (past_end, PAST_END), (blank(prompt), "empty question"),
         (blank(answer_text), "empty answer")]))
     messages = build_messages([("user", prompt), ("assistant", math_answer(answer_text, cfg["math_answer_style"]))])
     return messages, const_tags(len(t), src["tags"]), reason, {}
@@ -614,6 +634,11 @@ def adapt_columns(t, src, cfg):
     return adapt_alpaca(t, src, cfg, fields=column_fields(src))
 
 
+def id_field(src):
+    """The column holding a row's own id: "id", or the one a "columns" source names."""
+    return (src.get("columns") or {}).get("id") or "id"
+
+
 def column_fields(src):
     """(prompt, input, answer, system) column names of a "columns" source; None where absent."""
     cols = src.get("columns") or {}
@@ -627,13 +652,25 @@ COLUMN_ADAPTERS = {"cmath": adapt_cmath, "mawps": adapt_mawps, "emoji": adapt_em
 # ---------------------------------------------------------------- 2. normalize: row adapters (nested layouts)
 
 def content_text(content, where):
+    """(text, reasoning or None) of a content: a string, or a list of parts. Text parts carry their text under
+    "text" (OpenAI) or "value" (LLaMA-Factory v1); a "reasoning" part (LLaMA-Factory v1) is reasoning_content."""
     if content is None:
-        return ""
+        return "", None
     if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text" for p in content):
-        return "".join(str(p.get("text") or "") for p in content)
-    raise RowError(f"wrong type: content of {where} is {type(content).__name__}, expected a string")
+        return content, None
+    if not isinstance(content, list):
+        raise RowError(f"wrong type: content of {where} is {type(content).__name__}, expected a string or parts")
+    texts, thoughts = [], []
+    for k, part in enumerate(content, 1):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in ("text", "reasoning"):
+            raise RowError(f"content part {k} of {where} has type {kind!r}, not text (only text and reasoning "
+                           f"parts are supported)")
+        value = part.get("text", part.get("value"))
+        if not isinstance(value, str):
+            raise RowError(f"content part {k} of {where} has no text (\"text\" or \"value\" string)")
+        (texts if kind == "text" else thoughts).append(value)
+    return "".join(texts), "".join(thoughts) or None
 
 
 def tool_call(call, n):
@@ -677,34 +714,18 @@ def tool_schemas(tools):
 
 
 def check_turns(messages):
-    """The order rules the chat template and the loss mask rely on."""
-    pending, seen_user, prev = [], False, None
-    for i, m in enumerate(messages):
-        role = m["role"]
-        if role == "system" and i > 0:
-            raise RowError(f"system message at turn {i + 1}: only the first turn may be system")
-        if role in ("assistant", "tool") and not seen_user:
-            raise RowError(f"{role} turn before any user turn")
-        if role == "user" and prev == "user":
-            raise RowError(f"two user turns in a row (turn {i + 1})")
-        if role == "assistant" and prev == "assistant":
-            raise RowError(f"two assistant turns in a row (turn {i + 1})")
-        if role == "tool":
-            if not pending:
-                raise RowError(f"tool turn {i + 1} without a pending tool call")
-            if not m.get("tool_call_id"):
-                m["tool_call_id"] = pending[0]
-            if m["tool_call_id"] not in pending:
-                raise RowError(f"tool turn {i + 1} answers unknown call id {m['tool_call_id']!r}")
+    """common.conversation_problems' first reason as a RowError; a tool result without tool_call_id gets the id of
+    the first call still open (the template pairs them in that order)."""
+    problems = common.conversation_problems(messages)
+    if problems:
+        raise RowError(problems[0])
+    pending = []
+    for m in messages:
+        if m["role"] == "assistant":
+            pending = [c["id"] for c in m.get("tool_calls") or []]
+        elif m["role"] == "tool":
+            m["tool_call_id"] = m["tool_call_id"] or pending[0]
             pending.remove(m["tool_call_id"])
-        elif pending:
-            raise RowError(f"tool call(s) {', '.join(pending)} without a tool response")
-        if role == "assistant" and m.get("tool_calls"):
-            pending = [c["id"] for c in m["tool_calls"]]
-        seen_user |= role == "user"
-        prev = role
-    if not messages or messages[-1]["role"] != "assistant" or messages[-1].get("tool_calls"):
-        raise RowError("the last turn must be an assistant answer")
 
 
 def reasoning(message, mode, stats):
@@ -733,16 +754,19 @@ def messages_row(row, mode, stats):
             raise RowError(f"wrong type: message {i + 1} is {type(m).__name__}, expected an object")
         if m.get("role") not in ROLES:
             raise RowError(f"unknown role {m.get('role')!r} in message {i + 1}")
-        out = {"role": m["role"], "content": content_text(m.get("content"), f"message {i + 1}")}
+        text, thought = content_text(m.get("content"), f"message {i + 1}")
+        out = {"role": m["role"], "content": text}
         if m["role"] == "assistant":
             if m.get("tool_calls"):
                 if not isinstance(m["tool_calls"], list):
                     raise RowError("wrong type: tool_calls must be a list")
                 out["tool_calls"] = [tool_call(c, calls + k) for k, c in enumerate(m["tool_calls"])]
                 calls += len(out["tool_calls"])
-            if m.get("reasoning_content"):
-                out["reasoning_content"] = m["reasoning_content"]
+            if m.get("reasoning_content") or thought:
+                out["reasoning_content"] = m.get("reasoning_content") or thought
                 reasoning(out, mode, stats)
+        elif thought:
+            raise RowError(f"a reasoning part in message {i + 1} ({m['role']}): only assistant turns reason")
         if m["role"] == "tool":
             out["tool_call_id"] = as_text(m.get("tool_call_id"), "tool_call_id")
             out["name"] = as_text(m.get("name"), "name")
@@ -773,7 +797,9 @@ def sharegpt_row(row, mode, stats):
         role = SHAREGPT_ROLES.get(turn.get("from"))
         if role is None:
             raise RowError(f"unknown role {turn.get('from')!r} in turn {i + 1}")
-        value = content_text(turn.get("value"), f"turn {i + 1}")
+        value, thought = content_text(turn.get("value"), f"turn {i + 1}")
+        if thought:
+            raise RowError(f"a reasoning part in turn {i + 1}: ShareGPT has no place for it (use format messages)")
         if role == "function_call":
             try:
                 calls = json.loads(value)
@@ -799,11 +825,12 @@ def adapt_rows_batch(batch, fmt, mode, base_tags):
     for line, row in batch:
         try:
             messages, tools, tags = ROW_ADAPTERS[fmt](row, mode, stats)
+            row_id = as_text(row.get("id"), "id")
         except RowError as err:
             bad.append((line, str(err), json.dumps(row, ensure_ascii=False)))
             continue
         merged = list(dict.fromkeys([*base_tags, *tags]))
-        good.append({**common.chat_to_row(messages, tools, "", merged), "_line": line})
+        good.append({**common.chat_to_row(messages, tools, "", merged, row_id), "_line": line})
     return good, bad, stats
 
 
@@ -874,8 +901,18 @@ def rebuild(messages, **fields):
     return pa.ListArray.from_arrays(offsets, pa.StructArray.from_arrays(arrays, fields=list(MESSAGE_TYPE)))
 
 
-def clean_messages(messages, max_chars):
-    """-> (messages, cleaned rows mask, truncated rows mask, reasons): every content cleaned, long answers cut."""
+def cut_at_sentence_end(text, max_chars):
+    """The text up to its last sentence end within max_chars (SENTENCE_END), or None when there is none. An inlined
+    <think> block is never cut: the end must come after its </think>."""
+    start = text.find("</think>") + len("</think>") if text.startswith("<think>") else 0
+    ends = [m.end() for m in SENTENCE_END.finditer(text, start, max_chars + 1) if m.end() <= max_chars]
+    # finditer stops at max_chars + 1 so "." may see the character after it; an end past the limit is not taken.
+    return text[:ends[-1]].rstrip() if ends else None
+
+
+def clean_messages(messages, max_chars, policy):
+    """-> (messages, cleaned rows mask, truncated rows mask, reasons): every content cleaned; assistant answers over
+    max_chars cut at their last sentence end (policy "truncate"), or their row rejected (none there, or "drop")."""
     flat = messages.flatten()
     content = flat.field("content")
     cleaned = clean_text(content)
@@ -883,18 +920,28 @@ def clean_messages(messages, max_chars):
     role = flat.field("role")
     long = np.asarray(pc.and_(pc.equal(role, "assistant"), pc.greater(pc.utf8_length(cleaned), max_chars)),
                       dtype=bool)
-    if long.any():
-        cleaned = pc.if_else(pa.array(long), pc.utf8_slice_codeunits(cleaned, 0, max_chars), cleaned)
+    uncut = np.zeros(len(long), dtype=bool)  # over-long answers left as they are: their rows are rejected
+    if long.any() and policy == "truncate":  # rare rows: a Python loop over them only
+        cuts = [cut_at_sentence_end(t, max_chars) for t in cleaned.filter(pa.array(long)).to_pylist()]
+        uncut[np.flatnonzero(long)] = [c is None for c in cuts]
+        cleaned = pc.replace_with_mask(cleaned, pa.array(long), pa.array([c or "" for c in cuts], pa.string()))
+    elif long.any():
+        uncut = long
     no_calls = np.asarray(flat.field("tool_calls").is_null(), dtype=bool)
     empty = np.asarray(pc.equal(cleaned, ""), dtype=bool)
     is_user = np.asarray(pc.equal(role, "user"), dtype=bool)
     is_asst = np.asarray(pc.equal(role, "assistant"), dtype=bool)
+    other = ~(is_user | is_asst)  # system and tool turns: an empty one is an instruction or a result lost
     special = np.asarray(pc.match_substring_regex(cleaned, SPECIAL), dtype=bool)
+    over = f"answer over data.max_answer_chars={max_chars}"
     reason = first_reason(len(messages), [
+        (per_row_any(messages, uncut & (policy == "drop")), f"{over} (data.overlong_answer_policy=drop)"),
+        (per_row_any(messages, uncut), f"{over} with no sentence end before the limit to cut at"),
         (per_row_any(messages, empty & is_asst & no_calls), "empty answer"),
         (per_row_any(messages, empty & is_user), "empty user turn"),
+        (per_row_any(messages, empty & other), "empty system or tool turn"),
         (per_row_any(messages, special), "special token (<|im_start|>, <|im_end|>, <|endoftext|>) in content")])
-    return (rebuild(messages, content=cleaned), per_row_any(messages, changed), per_row_any(messages, long),
+    return (rebuild(messages, content=cleaned), per_row_any(messages, changed), per_row_any(messages, long & ~uncut),
             reason)
 
 
@@ -1035,13 +1082,16 @@ def normalize_source(name, src, plan, cfg, rejects):
     """Load every input of a source (plan: from plan_inputs), then normalize, clean, check and tag it
     -> (list of normalized batch tables, stats)."""
     fmt = src["format"]
-    fields = None if fmt in ROW_FORMATS else (
-        [f for f in column_fields(src) if f] if fmt == "columns" else COLUMN_FIELDS[fmt])
+    fields = None if fmt in ROW_FORMATS else list(dict.fromkeys(
+        [f for f in column_fields(src) if f] + [id_field(src)] if fmt == "columns" else COLUMN_FIELDS[fmt] + ["id"]))
     stats = {"inputs": [], "rows_in": 0, "rejected": 0, "cleaned": 0, "truncated": 0}
     tables = []
     for label, kind, target in plan:
         before = len(rejects)
-        records = load_input(kind, target, fields, name, label, rejects)
+        records, unit = load_input(kind, target, fields, name, label, rejects)
+        # Rows without an id of their own get "<source>:<line or record>" ("<source>:<file>:<line>" when the
+        # source has several inputs, whose line numbers repeat).
+        id_prefix = f"{name}:" if len(plan) == 1 else f"{name}:{os.path.basename(label)}:"
         stats["inputs"].append(label)
         stats["rows_in"] += len(records) + len(rejects) - before
         if fields is None:
@@ -1054,8 +1104,11 @@ def normalize_source(name, src, plan, cfg, rejects):
         del records  # release_batches holds the only reference and frees it chunk by chunk
         with tqdm(total=total, desc=f"  normalize {name}", unit="rows", leave=False) as bar:
             for batch in release_batches(holder):
-                tables.append(normalize_batch(batch, fields, name, src, cfg, label, rejects, stats))
+                tables.append(normalize_batch(batch, fields, name, src, cfg, (label, id_prefix), rejects, stats))
                 bar.update(len(batch))
+        if unit == "record":
+            for r in rejects[before:]:
+                r["record"] = r.pop("line")
     stats["rejected"] = sum(1 for r in rejects if r["source"] == name)
     stats["kept"] = sum(t.num_rows for t in tables)
     return tables, stats
@@ -1073,9 +1126,12 @@ def release_batches(holder):
         yield pa.Table.from_batches(group)
 
 
-def normalize_batch(records, fields, name, src, cfg, label, rejects, stats):
-    """Steps 2-3 on one batch: adapter (column formats), cleaning, checks, tags; bad rows to rejects."""
-    fmt = src["format"]
+def normalize_batch(records, fields, name, src, cfg, input_ids, rejects, stats):
+    """Steps 2-3 on one batch: adapter (column formats), cleaning, checks, tags, ids; bad rows to rejects.
+    input_ids: (label of the input, prefix of the ids made for its rows)."""
+    fmt, (label, id_prefix) = src["format"], input_ids
+    ids = records["id" if fields is None else id_field(src)].combine_chunks()
+    ids = pc.coalesce(ids, pc.binary_join_element_wise(id_prefix, records["_line"].cast(pa.string()), ""))
     if fields is None:  # row formats arrive adapted already
         messages, tags, tools = (records[c].combine_chunks() for c in ("messages", "tags", "tools"))
         reason = pa.nulls(len(records), pa.string())
@@ -1084,7 +1140,8 @@ def normalize_batch(records, fields, name, src, cfg, label, rejects, stats):
         tools = pa.nulls(len(records), pa.string())
         for key, value in extra.items():
             stats[key] = stats.get(key, 0) + value
-    messages, cleaned, truncated, clean_reason = clean_messages(messages, cfg["data"]["max_answer_chars"])
+    messages, cleaned, truncated, clean_reason = clean_messages(messages, cfg["data"]["max_answer_chars"],
+                                                                cfg["data"]["overlong_answer_policy"])
     valid_json, json_reason = json_only(messages, tags)
     reason = pc.coalesce(reason, clean_reason, json_reason)
     bad = np.asarray(reason.is_valid(), dtype=bool)
@@ -1097,8 +1154,9 @@ def normalize_batch(records, fields, name, src, cfg, label, rejects, stats):
     tags = auto_tags(messages, append_tag(tags, "json-only", valid_json), tools)
     stats["cleaned"] += int((cleaned & ~bad).sum())
     stats["truncated"] += int((truncated & ~bad).sum())
-    return pa.table({"messages": messages, "source": pa.repeat(pa.scalar(name, pa.string()), len(messages)),
-                     "tags": tags, "tools": tools}, schema=SCHEMA).filter(pa.array(~bad))
+    return pa.table({"id": ids, "messages": messages,
+                     "source": pa.repeat(pa.scalar(name, pa.string()), len(messages)), "tags": tags, "tools": tools},
+                    schema=SCHEMA).filter(pa.array(~bad))
 
 
 def eval_prompts(cfg):
@@ -1234,15 +1292,16 @@ def mix(sizes, weights, cfg):
         return np.repeat(np.arange(len(sizes)), counts), np.concatenate(rows), counts
     import datasets
     # Only the (pool, row) pairs go through interleave_datasets: the rows themselves are taken once, at export.
+    # Each pool is shuffled first (else total_size keeps the first rows of each file); without replacement, a
+    # pool that runs out is never drawn again (no up-sampling: that is resample's job).
     live = [i for i in range(len(sizes)) if sizes[i]]
-    dsets = [datasets.Dataset(pa.table({"_src": np.full(sizes[i], i), "_row": np.arange(sizes[i])}),
-                              fingerprint=fingerprint("pool", i, sizes[i])) for i in live]
+    dsets = [datasets.Dataset(pa.table({"_src": np.full(sizes[i], i), "_row": rng.permutation(sizes[i])}),
+                              fingerprint=fingerprint("pool", i, sizes[i], data_seed(cfg))) for i in live]
     probs = weights[live] / weights[live].sum()
     mixed = datasets.interleave_datasets(dsets, probabilities=list(probs), seed=data_seed(cfg),
-                                         stopping_strategy="all_exhausted").with_format("numpy")
-    src, rows = np.asarray(mixed["_src"], dtype=np.int64), np.asarray(mixed["_row"], dtype=np.int64)
-    if data["total_size"] is not None:
-        src, rows = src[:data["total_size"]], rows[:data["total_size"]]
+                                         stopping_strategy="all_exhausted_without_replacement").with_format("numpy")
+    total = data["total_size"] if data["total_size"] is not None else int(0.9 * sizes.sum())
+    src, rows = np.asarray(mixed["_src"], dtype=np.int64)[:total], np.asarray(mixed["_row"], dtype=np.int64)[:total]
     return src, rows, np.bincount(src, minlength=len(sizes))
 
 
@@ -1346,7 +1405,8 @@ def jsonl_lines(table):
     tools = table["tools"].combine_chunks()
     tail = [optional("tools", tools)] if tools.null_count < len(tools) else []
     return pc.binary_join_element_wise(
-        '{"messages": [', pc.binary_join(nested, ", "), '], "source": ', json_label(table["source"]),
+        '{"id": ', json_string(table["id"].combine_chunks()), ', "messages": [', pc.binary_join(nested, ", "),
+        '], "source": ', json_label(table["source"]),
         ', "tags": [', pc.binary_join(quoted, ", "), "]", *tail, "}\n", "")
 
 
@@ -1447,7 +1507,8 @@ def make_report(cfg, names, stats, weights, sizes, asked, src_idx, row_idx, drop
 
 
 def reason_kind(reason):
-    return re.split(r" \(|:", reason, maxsplit=1)[0]
+    """The reason without its details: "message 2: two assistant turns in a row" -> "two assistant turns in a row"."""
+    return re.split(r" \(|:", re.sub(r"^(message|turn) \d+: ", "", reason), maxsplit=1)[0]
 
 
 # ---------------------------------------------------------------- main
@@ -1460,7 +1521,7 @@ def build(cfg):
     np.random.seed(data_seed(cfg))
     sources = check_config(cfg)
     plans = {name: plan_inputs(name, src, cfg) for name, src in sources.items()}  # paths checked, hub probed
-    out_dir = common.path_in_repo(data["processed_dir"])
+    out_dir = os.path.normpath(common.path_in_repo(data["processed_dir"]))
     pools_dir = common.path_in_repo(data["pools_dir"])
     evals = eval_prompts(cfg)
     workers = source_workers(sources, cfg)
@@ -1481,11 +1542,20 @@ def build(cfg):
         print(f"  {name:<10} {s['deduplicated']:>6} duplicates  {s['eval_overlap']:>4} eval overlap  "
               f"-> {s['pool_rows']} rows in {os.path.relpath(os.path.join(pools_dir, name), common.ROOT)}",
               flush=True)
-
     names = list(sources)
+    rejects.sort(key=lambda r: (names.index(r["source"]), r["file"], r.get("line", r.get("record"))))
+    print_rejects(rejects)
+    # Everything is written to a folder next to out_dir and swapped in at the end: a failed build leaves the
+    # previous one as it was (its rejects and report go to <processed_dir>.failed/).
+    tmp_dir = out_dir + ".tmp"
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    os.makedirs(tmp_dir)
+    common.write_jsonl(os.path.join(tmp_dir, "rejects.jsonl"), rejects)
+
     sizes = np.array([len(m) for m in md5s], dtype=np.int64)
     if not sizes.sum():
-        raise BuildError(f"No rows left after loading ({len(rejects)} rejected): see the reasons above")
+        fail(tmp_dir, out_dir, f"no rows left after loading: all {len(rejects)} rows were rejected or duplicates "
+                               f"(reasons above)")
     weights = np.array([sources[n]["weight"] for n in names])
     clock = time.perf_counter()
     print(f"[5/8] mix ({data['mix_mode']}, seed {data_seed(cfg)})", flush=True)
@@ -1506,6 +1576,10 @@ def build(cfg):
     fps = {name: fingerprint(name, md5_of(all_md5.take(pa.array(where[pos]))))
            for name, pos in (("train", train_pos), ("validation", val_pos))}
     del keys, groups, all_md5
+    if not len(train_pos) or not len(val_pos):
+        fail(tmp_dir, out_dir, f"{len(train_pos)} train / {len(val_pos)} validation rows from {len(where)} mixed "
+                               f"rows (data.total_size={data['total_size']}: None takes 0.9 x {int(sizes.sum())} "
+                               f"pool rows); both splits need rows: add rows, or set data.total_size")
     if capped:
         print(f"  warning: only {len(where)} rows: validation capped at half of them ({target} rows) "
               f"instead of data.min_valid={data['min_valid']}", flush=True)
@@ -1515,27 +1589,63 @@ def build(cfg):
     print(f"[8/8] export to {os.path.relpath(out_dir, common.ROOT)} (steps 5-7: {time.perf_counter() - clock:.1f} s)",
           flush=True)
     clock = time.perf_counter()
-    os.makedirs(out_dir, exist_ok=True)
     # Each split is one take from the pools as save_to_disk wrote them (memory-mapped, unmapped before writing).
-    everything = pa.concat_tables([datasets.load_from_disk(os.path.join(pools_dir, n)).data.table for n in names])
+    # Empty pools add no rows (and datasets cannot load an empty save_to_disk folder back).
+    everything = pa.concat_tables([datasets.load_from_disk(os.path.join(pools_dir, n)).data.table
+                                   for n, size in zip(names, sizes) if size])
     parts = {name: everything.take(pa.array(where[pos])) for name, pos in (("train", train_pos),
                                                                            ("validation", val_pos))}
     del everything
     for split_name, jsonl in (("train", "train.jsonl"), ("validation", "val.jsonl")):
-        export_split(parts.pop(split_name), os.path.join(out_dir, split_name), os.path.join(out_dir, jsonl),
+        export_split(parts.pop(split_name), os.path.join(tmp_dir, split_name), os.path.join(tmp_dir, jsonl),
                      fps[split_name], int(data["num_proc"]))
     print(f"  train and validation written ({time.perf_counter() - clock:.1f} s)", flush=True)
-    rejects.sort(key=lambda r: (names.index(r["source"]), r["file"], r["line"]))
-    common.write_jsonl(os.path.join(out_dir, "rejects.jsonl"), rejects)
 
     rep = make_report(cfg, names, stats, weights, sizes, asked, src_idx, row_idx, drop, (train_pos, val_pos),
                       (target, capped, n_groups, dropped), flagged, rejects)
-    with open(os.path.join(out_dir, "report.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp_dir, "report.json"), "w", encoding="utf-8") as f:
         json.dump(rep, f, ensure_ascii=False, indent=2)
-    with open(os.path.join(out_dir, "report.md"), "w", encoding="utf-8") as f:
+    with open(os.path.join(tmp_dir, "report.md"), "w", encoding="utf-8") as f:
         f.write(report_markdown(rep))
-    config.save_config(cfg, os.path.join(out_dir, "config.json"), extra={"git_sha": common.git_sha()})
+    config.save_config(cfg, os.path.join(tmp_dir, "config.json"), extra={"git_sha": common.git_sha()})
+    swap_in(tmp_dir, out_dir)
     return rep
+
+
+def print_rejects(rejects, shown=30):
+    """Every reason with its count and first place, then the first `shown` rejects one per line."""
+    if not rejects:
+        return
+    kinds = {}
+    for r in rejects:
+        kinds.setdefault(reason_kind(r["reason"]), [0, place(r)])[0] += 1
+    print(f"  {len(rejects)} rows rejected (all of them in rejects.jsonl):", flush=True)
+    for kind, (count, first) in sorted(kinds.items()):
+        print(f"    {count:>6} x {kind} (first: {first})")
+    for r in rejects[:shown]:
+        print(f"    {place(r)}: {r['reason']}")
+    if len(rejects) > shown:
+        print(f"    ... {len(rejects) - shown} more")
+
+
+def fail(tmp_dir, out_dir, message):
+    """Stop the build: what was written goes to <out_dir>.failed/, the previous build stays in out_dir."""
+    failed = out_dir + ".failed"
+    shutil.rmtree(failed, ignore_errors=True)
+    os.rename(tmp_dir, failed)
+    raise BuildError(f"{message}. Rejected rows: {os.path.join(failed, 'rejects.jsonl')}; "
+                     f"{out_dir} is left as it was")
+
+
+def swap_in(tmp_dir, out_dir):
+    """Replace out_dir by the finished build in tmp_dir (two renames; the old build is removed after)."""
+    old = out_dir + ".old"
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.exists(out_dir):
+        os.rename(out_dir, old)
+    os.rename(tmp_dir, out_dir)
+    for stale in (old, out_dir + ".failed"):  # a failed build's rejects no longer describe the data
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def md5_of(digests):

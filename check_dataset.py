@@ -11,8 +11,9 @@ Every row is rendered with the real chat template and tokenized with `common.tok
     python check_dataset.py data.jsonl --show 1 --boundaries --no-color   # ⟦loss⟧ and │ between tokens
     python check_dataset.py data.jsonl --set model.max_seq_length=1024 --json-report reports/check.json
 
-Errors: parse, schema, roles (system only first; user/assistant alternate; tool only after an assistant
-tool_calls turn, ids matching, every call answered; last turn assistant), empty, special_tokens (template
+Errors: parse, schema, roles (common.conversation_problems, the build's rule too: system only first;
+user/assistant alternate; tool only after an assistant tool_calls turn, ids matching, every call answered
+before the next turn; last turn assistant, an answer or tool calls), empty, special_tokens (template
 tokens such as <|im_end|>, <think>, <tool_call> written into content), json_only (rows tagged json-only whose
 final answer is not JSON), leak (a row also in another file: train vs validation), render, mask (each
 trained assistant turn ends in a loss-carrying <|im_end|>; no system/user/tool token carries loss).
@@ -20,7 +21,8 @@ Warnings: duplicate (repeats inside a file: the resample mix makes them on purpo
 last trained <|im_end|> lies beyond model.max_seq_length; an error with sft.overlong_policy=fail),
 reasoning (reasoning_content: not rendered by the Qwen3-2507 template), tools (undeclared function).
 
-Writes findings (`file:line: error [class] reason`), length and loss statistics and a summary table
+Writes findings (`file:line: error [class] reason (id ROW_ID)`: the id build_datasets.py gave the row, which
+names its raw source row), length and loss statistics and a summary table
 to stdout; `--json-report PATH` writes all of it as JSON. Exit code 1 when any error was found
 (warnings fail only with --strict), 2 for usage errors (unknown option or config key, missing file,
 a model that cannot be loaded).
@@ -45,7 +47,7 @@ CLASSES = {
     "parse": ("error", "line is not a JSON object"),
     "schema": ("error", "missing field or wrong type"),
     "roles": ("error", "turn order: system first, user/assistant alternate, tool answers tool_calls, "
-                       "ends with assistant"),
+                       "ends with assistant (common.conversation_problems)"),
     "empty": ("error", "empty content"),
     "special_tokens": ("error", "template token written into content"),
     "json_only": ("error", "json-only sample whose answer is not valid JSON"),
@@ -118,8 +120,9 @@ def open_rows(cfg, path, findings):
     return total, common.read_jsonl(path, on_error=on_error)
 
 
-def finding(path, line, cls, reason, severity=None):
-    return {"file": path, "line": line, "class": cls, "severity": severity or CLASSES[cls][0], "reason": reason}
+def finding(path, line, cls, reason, severity=None, row_id=None):
+    return {"file": path, "line": line, "id": row_id, "class": cls, "severity": severity or CLASSES[cls][0],
+            "reason": reason}
 
 
 # ---------------------------------------------------------------- structure and content
@@ -191,45 +194,9 @@ def check_call(call):
 
 
 def check_roles(messages):
-    """Turn order problems: [(class, reason)]. Messages are numbered from 1."""
-    out = []
-    prev, open_calls, call_msg = None, None, None  # open_calls: ids (None when absent) not yet answered
-    for n, m in enumerate(messages, 1):
-        role = m["role"]
-        if role == "tool":
-            if open_calls is None:
-                out.append(("roles", f"message {n}: tool result without an assistant tool_calls turn before it"))
-            elif not open_calls:
-                out.append(("roles", f"message {n}: more tool results than the calls of message {call_msg}"))
-            else:
-                cid = m.get("tool_call_id")
-                if cid is not None and any(open_calls) and cid not in open_calls:
-                    out.append(("roles", f"message {n}: tool_call_id {cid!r} matches no open call of message "
-                                         f"{call_msg} (open: {', '.join(map(str, open_calls))})"))
-                open_calls.remove(cid if cid in open_calls else open_calls[0])
-            prev = role
-            continue
-        if open_calls:  # one finding for this turn: the order checks below would repeat the cause
-            out.append(("roles", f"message {n}: {role} turn before the tool calls of message {call_msg} are "
-                                 f"answered (unanswered: {', '.join(map(str, open_calls))})"))
-        elif role == "system" and n != 1:
-            out.append(("roles", f"message {n}: system is only allowed as the first message"))
-            continue  # judge the next turn against the one before the misplaced system
-        elif role == "user" and prev in ("user", "tool"):
-            out.append(("roles", f"message {n}: user turn after a {prev} turn; an assistant turn must come between"))
-        elif role == "assistant" and prev in (None, "system"):
-            out.append(("roles", f"message {n}: assistant turn before any user turn"))
-        elif role == "assistant" and prev == "assistant":
-            out.append(("roles", f"message {n}: two assistant turns in a row"))
-        open_calls = None
-        if role == "assistant" and m.get("tool_calls"):
-            open_calls, call_msg = [c.get("id") for c in m["tool_calls"]], n
-        prev = role
-    if open_calls:
-        out.append(("roles", f"tool calls of message {call_msg} never answered: {', '.join(map(str, open_calls))}"))
-    elif prev != "assistant":
-        out.append(("roles", f"last turn is {prev}; a conversation must end with an assistant answer"))
-    return out
+    """Turn order problems, all of them: [(class, reason)]. The rule is common.conversation_problems, the one
+    build_datasets.py rejects rows by."""
+    return [("roles", reason) for reason in common.conversation_problems(messages)]
 
 
 def check_content(row, messages, tools, reasoning_mode):
@@ -417,14 +384,20 @@ def check_paths(paths, cfg, tokenizer, show=0):
                     lengths.append(len(enc["input_ids"]))
                     loss_tokens += sum(lab != -100 for lab in enc["labels"])
                     if len(shown) < show:
-                        shown.append({"file": path, "line": line, "messages": messages,
+                        shown.append({"file": path, "line": line, "id": row_id(row), "messages": messages,
                                       "tools": tools, "enc": enc})
-            file_findings += [finding(path, line, cls, reason, sev) for cls, reason, sev in problems]
+            file_findings += [finding(path, line, cls, reason, sev, row_id(row)) for cls, reason, sev in problems]
         file_findings.sort(key=lambda f: f["line"])
         findings += file_findings
         per_file[path] = {"rows": n_rows + sum(f["class"] == "parse" for f in file_findings),
                           **length_stats(lengths, loss_tokens, cfg["model"]["max_seq_length"])}
     return build_report(paths, cfg, findings, per_file), shown
+
+
+def row_id(row):
+    """The row's id (build_datasets.py writes one per row: the raw row it came from), or None."""
+    value = row.get("id")
+    return None if value is None else str(value)
 
 
 def row_problems(row, cfg):
@@ -508,7 +481,8 @@ def show_samples(tokenizer, shown, color, boundaries):
             raise RuntimeError(f"{s['file']}:{s['line']}: re-tokenizing for display gave different tokens")
         labels = s["enc"]["labels"]
         n_loss = sum(lab != -100 for lab in labels)
-        print(f"\n── sample {k}/{len(shown)} · {s['file']}:{s['line']} · {len(labels)} tokens, "
+        print(f"\n── sample {k}/{len(shown)} · {s['file']}:{s['line']}" + (f" · id {s['id']}" if s["id"] else "")
+              + f" · {len(labels)} tokens, "
               f"{n_loss} carry loss ({n_loss / len(labels):.0%}) ──")
         print(highlight(token_pieces(text, enc["offset_mapping"], labels), color, boundaries))
 
@@ -518,7 +492,8 @@ def print_findings(findings, per_class):
     for f in findings:
         printed[f["class"]] = printed.get(f["class"], 0) + 1
         if printed[f["class"]] <= per_class:
-            print(f"{f['file']}:{f['line']}: {f['severity']} [{f['class']}] {f['reason']}")
+            print(f"{f['file']}:{f['line']}: {f['severity']} [{f['class']}] {f['reason']}"
+                  + (f" (id {f['id']})" if f.get("id") else ""))
     for cls, n in printed.items():
         if n > per_class:
             print(f"... {n - per_class} more [{cls}] findings (all of them: --json-report PATH)")

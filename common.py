@@ -318,11 +318,66 @@ def import_unsloth_first():
     return True
 
 
+# ---- build_datasets.py and check_dataset.py: what a valid conversation is (one rule for both)
+
+
+def conversation_problems(messages):
+    """Why a conversation breaks the turn order the chat template and the loss mask rely on: [reason], messages
+    numbered from 1; [] when it is fine. build_datasets.py rejects a row on the first reason, check_dataset.py
+    lists them all. Messages are dicts with a known role; tool_calls a list of {"id", ...} or absent.
+    The rules: system only first; user and assistant alternate (an assistant turn comes after a user or a tool
+    result); a tool result answers an open call of the assistant turn before it (by tool_call_id when given,
+    else the first open one) and every call is answered before the next user or assistant turn; the last turn
+    is an assistant turn: an answer, or tool calls (OpenAI's fine-tuning format teaches calling that way)."""
+    out = []
+    prev, open_calls, call_msg = None, None, None  # open_calls: ids (None when absent) not yet answered
+    for n, m in enumerate(messages, 1):
+        role = m["role"]
+        if role == "tool":
+            if open_calls is None:
+                out.append(f"message {n}: tool result without an assistant tool_calls turn before it")
+            elif not open_calls:
+                out.append(f"message {n}: more tool results than the calls of message {call_msg}")
+            else:
+                cid = m.get("tool_call_id")
+                if cid is not None and any(open_calls) and cid not in open_calls:
+                    out.append(f"message {n}: tool_call_id {cid!r} matches no open call of message {call_msg} "
+                               f"(open: {', '.join(map(str, open_calls))})")
+                open_calls.remove(cid if cid in open_calls else open_calls[0])
+            prev = role
+            continue
+        if open_calls:  # one reason for this turn: the order checks below would repeat the cause
+            out.append(f"message {n}: {role} turn before the tool calls of message {call_msg} are answered "
+                       f"(unanswered: {', '.join(map(str, open_calls))})")
+        elif role == "system" and n != 1:
+            out.append(f"message {n}: system is only allowed as the first message")
+            continue  # judge the next turn against the one before the misplaced system
+        elif role == "user" and prev in ("user", "tool"):
+            out.append(f"message {n}: user turn after a {prev} turn; an assistant turn must come between")
+        elif role == "assistant" and prev in (None, "system"):
+            out.append(f"message {n}: assistant turn before any user turn")
+        elif role == "assistant" and prev == "assistant":
+            out.append(f"message {n}: two assistant turns in a row")
+        open_calls = None
+        if role == "assistant" and m.get("tool_calls"):
+            open_calls, call_msg = [c.get("id") for c in m["tool_calls"]], n
+        prev = role
+    if not messages:
+        out.append("no messages")
+    elif open_calls and prev == "tool":
+        out.append(f"tool calls of message {call_msg} never answered: {', '.join(map(str, open_calls))}")
+    elif prev != "assistant":
+        out.append(f"last turn is {prev}; a conversation must end with an assistant turn (an answer or tool calls)")
+    return out
+
+
 # ---- build_datasets.py: one row layout for every built split (Arrow and JSONL)
 # Arrow layout (one schema, so pools with and without tools can be mixed and concatenated):
 #   messages: list<struct<role, content, tool_calls, tool_call_id, name>>, all strings; tool_calls is the
 #             OpenAI list as a JSON string (arguments as objects) or null, because arguments differ per tool
-#   source: string; tags: list<string>; tools: the OpenAI tools list as a JSON string, or null
+#   id: the row's id in its source (the source's own "id" field, else "<source>:<line or record>") to trace a
+#       sample back to its raw row; source: string; tags: list<string>; tools: the OpenAI tools list as a JSON
+#       string, or null
 # The exported JSONL carries the same fields as plain JSON (lists, not strings; null fields left out).
 # Always read rows through row_to_chat so every script sees them the same way.
 MESSAGE_FIELDS = ("role", "content", "tool_calls", "tool_call_id", "name")
@@ -332,11 +387,11 @@ def row_features():
     """The datasets.Features of a built row (see the layout above)."""
     from datasets import Features, List, Value
     message = {key: Value("string") for key in MESSAGE_FIELDS}
-    return Features({"messages": List(message), "source": Value("string"), "tags": List(Value("string")),
-                     "tools": Value("string")})
+    return Features({"id": Value("string"), "messages": List(message), "source": Value("string"),
+                     "tags": List(Value("string")), "tools": Value("string")})
 
 
-def chat_to_row(messages, tools=None, source="", tags=()):
+def chat_to_row(messages, tools=None, source="", tags=(), row_id=None):
     """Encode plain messages (+ OpenAI tools) into the Arrow layout above."""
     encoded = []
     for m in messages:
@@ -344,7 +399,7 @@ def chat_to_row(messages, tools=None, source="", tags=()):
         encoded.append({"role": m["role"], "content": m.get("content") or "",
                         "tool_calls": json.dumps(calls, ensure_ascii=False, sort_keys=True) if calls else None,
                         "tool_call_id": m.get("tool_call_id"), "name": m.get("name")})
-    return {"messages": encoded, "source": source or "", "tags": list(tags or []),
+    return {"id": row_id, "messages": encoded, "source": source or "", "tags": list(tags or []),
             "tools": json.dumps(tools, ensure_ascii=False, sort_keys=True) if tools else None}
 
 
@@ -390,7 +445,8 @@ def load_split(cfg, split):
         if not isinstance(row.get("messages"), list) or not row["messages"]:
             raise DataError(f"{path}:{line_no}: expected a non-empty 'messages' list")
         try:
-            rows.append(chat_to_row(row["messages"], row.get("tools"), row.get("source", ""), row.get("tags")))
+            rows.append(chat_to_row(row["messages"], row.get("tools"), row.get("source", ""), row.get("tags"),
+                                    row.get("id")))
         except (KeyError, TypeError, AttributeError) as err:
             raise DataError(f"{path}:{line_no}: bad message ({type(err).__name__}: {err})") from None
     return datasets.Dataset.from_list(rows, features=row_features())

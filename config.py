@@ -112,11 +112,16 @@ CONFIG = {
             #   "columns": {"prompt": "question", "answer": "answer", "system": None}, "weight": 0.1}
         },
         "use_hub": "auto",  # "auto" (hub when reachable, else local) | True | False
-        "mix_mode": "resample",  # "resample" (exact counts, repeats in whole passes) | "interleave" (approximate)
-        "total_size": None,  # rows after mixing; None = 0.9 × rows available
+        # "resample": exact counts per weight, repeats in whole passes; "interleave": each pool shuffled, rows
+        # drawn by weight without replacement (an exhausted pool is never drawn again) up to total_size
+        "mix_mode": "resample",  # "resample" | "interleave"
+        "total_size": None,  # rows after mixing; None = 0.9 × rows available (interleave: at most all rows)
         "valid_ratio": 0.1,
         "min_valid": 100,  # validation rows at least (capped at half the rows of a smaller build)
-        "max_answer_chars": 3000,  # longer assistant answers are truncated (and counted)
+        "max_answer_chars": 3000,  # assistant answers longer than this follow overlong_answer_policy
+        # "truncate": cut at the last sentence end (。！？；… or . ! ? ; before a space) within max_answer_chars,
+        # drop the row when there is none; "drop": drop the row. Never mid-word; both counted in the report.
+        "overlong_answer_policy": "truncate",  # "truncate" | "drop"
         "math_answer_style": "plain",  # "plain" (the seed's bare answer) | "boxed" (\boxed{} as EvalScope extracts)
         "reasoning_content": "drop",  # Qwen3-2507 is non-thinking: "drop" | "inline" (<think>…</think> + answer)
         "eval_files": ["dataset/eval/qa.jsonl"],  # local eval sets for the decontamination check
@@ -192,6 +197,37 @@ CONFIG = {
         "reports_dir": "reports",  # reports/<run_name>/eval.*, perf.*
     },
 }
+
+# Allowed values of the keys that take one of a few, checked when the config is built (so every script fails the
+# same way, before any work). Keep in step with the comments above.
+CHOICES = {
+    "model.dtype": ("auto", "bfloat16", "float16", "float32"),
+    "lora.bias": ("none", "all", "lora_only"),
+    "training.backend": ("auto", "unsloth", "transformers"),
+    "training.gradient_checkpointing": ("unsloth", True, False),
+    "training.memory_profile": ("auto", "config", "16gb", "40gb", "80gb"),
+    "sft.train_on_turns": ("all", "last"),
+    "sft.overlong_policy": ("drop", "truncate", "fail"),
+    "data.use_hub": ("auto", True, False),
+    "data.mix_mode": ("resample", "interleave"),
+    "data.overlong_answer_policy": ("truncate", "drop"),
+    "data.math_answer_style": ("plain", "boxed"),
+    "data.reasoning_content": ("drop", "inline"),
+    "eval.evalscope_hub": ("auto", True, False),
+    "deploy.engine": ("auto", "vllm", "transformers"),
+    "deploy.perf_dataset": ("file", "random"),
+}
+# Keys whose default is None: None, or a value of this type (check_type has no default to compare with).
+NULLABLE = {"training.run_name": str, "data.total_size": int, "eval.ppl_max_samples": int, "eval.endpoint_model": str,
+            "eval.evalscope_limit": int, "eval.gates.max_ppl_ratio": float, "eval.gates.min_json_validity": float,
+            "eval.gates.min_usability": float, "deploy.api_key": str, "deploy.kv_cache_dtype": str}
+# The fields of one data.sources entry (build_datasets.py reads them) and the formats it converts.
+SOURCE_FORMATS = ("cmath", "mawps", "emoji", "alpaca", "columns", "sharegpt", "messages")
+SOURCE_FIELDS = {"format": "one of " + ", ".join(SOURCE_FORMATS), "local": "a path or None",
+                 "hub": "a hub dataset id or None", "data_files": "a list of file names or None",
+                 "weight": "a number >= 0", "tags": "a list of strings",
+                 "columns": "{'prompt': ..., 'answer': ..., 'input', 'system', 'id' optional} (format 'columns')"}
+COLUMN_ROLES = ("prompt", "input", "answer", "system", "id")
 
 # Profiles are sets of dotted overrides applied before --set.
 PROFILES = {
@@ -314,7 +350,64 @@ def build_config(profile=None, overrides=()):
         for key, value in PROFILES[profile].items():
             set_key(cfg, key, value)
     cfg["profile"] = profile
-    return apply_overrides(cfg, overrides)
+    return validate(apply_overrides(cfg, overrides))
+
+
+def validate(cfg):
+    """Values outside a key's allowed set, unknown or ill-typed fields of a data source: one ConfigError naming the
+    key and what it accepts. (Unknown eval.gates names: obj_test_model.py, their only reader, refuses them.)"""
+    flat = flatten(cfg)
+    for key, allowed in CHOICES.items():
+        value = flat[key]
+        if not any(value == a and type(value) is type(a) for a in allowed):
+            raise ConfigError(f"{key} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
+    for key, kind in NULLABLE.items():
+        value = flat.get(key)
+        if value is not None and not is_a(value, kind):
+            quote = f" (quote it: --set {key}='{value}')" if kind is str else ""
+            raise ConfigError(f"{key} expects {kind.__name__} or None, got {value!r}{quote}")
+    for name, src in cfg["data"]["sources"].items():
+        check_source(f"data.sources.{name}", src)
+    return cfg
+
+
+def is_a(value, kind):
+    if isinstance(value, bool):
+        return kind is bool
+    return isinstance(value, (int, float) if kind is float else kind)
+
+
+def check_source(key, src):
+    if not isinstance(src, dict):
+        raise ConfigError(f"{key} must be a dict with {', '.join(SOURCE_FIELDS)}, got {src!r}")
+    for field, value in src.items():
+        if field not in SOURCE_FIELDS:
+            close = difflib.get_close_matches(field, list(SOURCE_FIELDS), n=1, cutoff=0.5)
+            hint = f"Did you mean {key}.{close[0]}?" if close else f"Known fields: {', '.join(SOURCE_FIELDS)}."
+            raise ConfigError(f"Unknown field {key}.{field}. {hint}")
+        if not source_field_ok(field, value):
+            raise ConfigError(f"{key}.{field} must be {SOURCE_FIELDS[field]}, got {value!r}")
+    if "format" not in src:
+        raise ConfigError(f"{key} needs a format: one of {', '.join(SOURCE_FORMATS)}")
+    if src["format"] == "columns" and not (src.get("columns") or {}).get("prompt"):
+        raise ConfigError(f"{key}: format 'columns' needs \"columns\": {{\"prompt\": ..., \"answer\": ...}}")
+
+
+def source_field_ok(field, value):
+    def strings(v):
+        return isinstance(v, list) and all(isinstance(x, str) for x in v)
+    if field == "format":
+        return value in SOURCE_FORMATS
+    if field in ("local", "hub"):
+        return value is None or isinstance(value, str)
+    if field == "data_files":
+        return value is None or strings(value)
+    if field == "weight":
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+    if field == "tags":
+        return value is None or strings(value)
+    return value is None or (isinstance(value, dict) and set(value) <= set(COLUMN_ROLES)
+                             and all(v is None or isinstance(v, str) for v in value.values()))
 
 
 def add_config_args(parser):

@@ -218,7 +218,7 @@ def load_rows(cfg, data):
     for i, row in enumerate(split):
         messages, tools = common.row_to_chat(row)
         prompt, reference = split_for_generation(messages)
-        rows.append({"index": i, "chat": (messages, tools), "source": row.get("source") or "",
+        rows.append({"index": i, "id": row.get("id"), "chat": (messages, tools), "source": row.get("source") or "",
                      "tags": list(row.get("tags") or []), "prompt": prompt, "reference": reference})
     if not rows:
         sys.exit(f"error: the split {data!r} has no rows")
@@ -370,7 +370,7 @@ def evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate,
         if "json-only" in r["tags"]:
             keys = reference_keys(r["reference"]) if e["json_keys_from_reference"] else None
             valid, why = json_validity(a["text"], keys)
-        samples.append({"side": side, "index": r["index"], "source": r["source"], "tags": r["tags"],
+        samples.append({"side": side, "index": r["index"], "id": r["id"], "source": r["source"], "tags": r["tags"],
                         "prompt": r["prompt"][-1]["content"] if r["prompt"] else "", "reference": r["reference"],
                         "answer": a["text"], "finish_reason": a["finish_reason"],
                         "completion_tokens": a["completion_tokens"], "usable": not reasons, "reasons": reasons,

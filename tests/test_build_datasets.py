@@ -69,7 +69,13 @@ def raw_lines(name):
 
 
 def rejected_lines(build, source):
-    return {r["line"] for r in build["rejects"] if r["source"] == source}
+    """Lines (records, for a JSON array) of a source's rejected rows."""
+    return {r.get("line", r.get("record")) for r in build["rejects"] if r["source"] == source}
+
+
+def kind(reason):
+    """A reject reason without its details or the message number it starts with."""
+    return re.sub(r"^message \d+: ", "", reason).split(" (")[0].split(":")[0]
 
 
 def write(path, lines):
@@ -214,10 +220,9 @@ def test_emoji_adapter_falls_back_to_answer_en(default_build):
 def test_alpaca_adapter(default_build):
     bad = rejected_lines(default_build, "alpaca")
     text = open(os.path.join(RAW, "alpaca.json"), encoding="utf-8").read()
-    starts = [text.count("\n", 0, m.start()) + 1 for m in re.finditer(r"^    \{", text, re.M)]
     expected = set()
-    for line, rec in zip(starts, json.loads(text)):
-        if line in bad:
+    for index, rec in enumerate(json.loads(text)):
+        if index in bad:
             continue
         user = rec["instruction"] + (f"\n\n{rec['input']}" if rec["input"] else "")
         expected.add(((rec.get("system"),) if rec.get("system") else ()) + (user, rec["output"]))
@@ -263,6 +268,12 @@ def test_every_shipped_broken_row_is_rejected_with_its_line(default_build):
     kinds = set()
     for r in default_build["rejects"]:
         path = os.path.join(ROOT, r["file"])
+        if "record" in r:  # a JSON array: the record at that index is the bad one
+            rec = json.load(open(path, encoding="utf-8"))[r["record"]]
+            m = re.match(r"missing field '(\w+)'", r["reason"])
+            assert not m or not rec.get(m.group(1))
+            kinds.add(kind(r["reason"]))
+            continue
         with open(path, "rb") as f:
             line = f.read().split(b"\n")[r["line"] - 1]
         if "non-UTF-8" in r["reason"]:
@@ -279,10 +290,10 @@ def test_every_shipped_broken_row_is_rejected_with_its_line(default_build):
             if "before any user turn" in r["reason"]:
                 turns = row.get("messages") or row.get("conversations")
                 assert (turns[0].get("role") or turns[0].get("from")) in ("assistant", "gpt")
-        kinds.add(r["reason"].split(" (")[0].split(":")[0])
-    for kind in ("malformed JSON", "non-UTF-8 bytes", "wrong type", "empty answer",
+        kinds.add(kind(r["reason"]))
+    for name in ("malformed JSON", "non-UTF-8 bytes", "wrong type", "empty answer",
                  "assistant turn before any user turn"):
-        assert kind in kinds
+        assert name in kinds
     assert any(k.startswith("missing field") for k in kinds)
     assert default_build["report"]["rejects"]["total"] == len(default_build["rejects"]) > 0
 
@@ -309,7 +320,7 @@ def test_each_bad_input_lands_in_rejects_with_file_line_reason(tmp_path):
     sources = {"cm": {"format": "cmath", "local": cm, "weight": 1.0}, "ms": {"format": "messages", "local": ms,
                                                                          "weight": 1.0}}
     rep = build_datasets.build(cfg_for(tmp_path, sources, "data.eval_files=[]", "data.min_valid=1"))
-    got = {(r["file"], r["line"], r["reason"].split(" (")[0].split(":")[0])
+    got = {(r["file"], r["line"], kind(r["reason"]))
            for r in read_jsonl(tmp_path / "processed" / "rejects.jsonl")}
     assert got == {(cm, 2, "malformed JSON"), (cm, 3, "missing field 'golden'"), (cm, 4, "wrong type"),
                    (cm, 5, "empty answer"), (cm, 6, "non-UTF-8 bytes"),
@@ -323,7 +334,7 @@ def test_strict_exits_1_and_unknown_format_is_a_clear_error(tmp_path):
     assert os.path.isfile(tmp_path / "a" / "processed" / "rejects.jsonl")  # written before the exit
     proc = run_cli(str(tmp_path / "b"), "--set", "data.sources.cmath.format=yaml")
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
-    assert "unknown format 'yaml'" in proc.stderr and "known formats: cmath" in proc.stderr
+    assert "data.sources.cmath.format must be one of cmath, mawps" in proc.stderr and "got 'yaml'" in proc.stderr
 
 
 def test_config_errors_before_any_work(tmp_path):
@@ -378,14 +389,23 @@ def test_resample_counts_are_exact_and_balanced(three_pools, tmp_path):
     assert rep["mix"]["rows"] == 216 and [s["rows"] for s in rep["mix"]["sources"].values()] == [108, 65, 43]
 
 
-def test_interleave_ratios_and_all_exhausted(three_pools, tmp_path):
-    three_pools = {n: dict(s, weight=w) for (n, s), w in zip(three_pools.items(), (0.6, 0.3, 0.1))}
-    rep = build_datasets.build(cfg_for(tmp_path, three_pools, "data.mix_mode=interleave", "data.eval_files=[]"))
+def test_interleave_shuffles_each_pool_and_never_upsamples(three_pools, tmp_path):
+    """Seed 000, 3.2.2 step 5.1: each pool shuffled, rows drawn by weight until pools run out, an exhausted pool
+    never drawn again. The 40-row pool at weight 0.9 gives its 40 rows once (all_exhausted repeated the small
+    pools ~20x), and a small total_size does not keep only the first rows of each file."""
+    pools = {n: dict(s, weight=w) for (n, s), w in zip(three_pools.items(), (0.05, 0.05, 0.9))}
+    rep = build_datasets.build(cfg_for(tmp_path, pools, "data.mix_mode=interleave", "data.eval_files=[]"))
     rows = mixed_rows(tmp_path)
-    for name, size in (("a", 120), ("b", 80), ("c", 40)):
-        assert len({json.dumps(r["messages"]) for r in rows if r["source"] == name}) == size  # each pool exhausted
-    for name, s in rep["mix"]["sources"].items():
-        assert abs(s["share"] - s["weight"]) < 0.06, (name, s)
+    assert rep["mix"]["rows"] == len(rows) == 216  # total_size None: 0.9 x 240 rows, each at most once
+    assert len({json.dumps(r["messages"]) for r in rows}) == 216
+    assert rep["mix"]["sources"]["c"]["rows"] == 40 and rep["split"]["validation_copies_dropped"] == 0
+    pools = {n: dict(s, weight=w) for (n, s), w in zip(three_pools.items(), (0.6, 0.3, 0.1))}
+    rep = build_datasets.build(cfg_for(tmp_path, pools, "data.mix_mode=interleave", "data.eval_files=[]",
+                                       "data.total_size=30", "data.min_valid=5"))
+    picked = sorted(int(re.match(r"题目(\d+)", r["messages"][0]["content"]).group(1))
+                    for r in mixed_rows(tmp_path) if r["source"] == "a")
+    assert len(picked) == rep["mix"]["sources"]["a"]["rows"] > 5
+    assert picked != list(range(len(picked)))  # shuffled: not the file's first rows
 
 
 def test_min_validation_and_cap(three_pools, tmp_path):
@@ -449,16 +469,20 @@ def test_decontamination_flags_then_drops(default_build, tmp_path):
 
 
 def test_answer_style_reasoning_inline_and_truncation(tmp_path):
-    cfg = cfg_for(tmp_path, None, "data.math_answer_style=boxed", "data.reasoning_content=inline",
-                  "data.max_answer_chars=40")
+    cfg = cfg_for(tmp_path, None, "data.math_answer_style=boxed", "data.reasoning_content=inline")
     cfg["data"]["sources"] = {n: s for n, s in cfg["data"]["sources"].items() if n in ("cmath", "messages", "emoji")}
     rep = build_datasets.build(cfg)
     assert all(m[1]["content"].startswith("\\boxed{") for m, _ in pool_chats(str(tmp_path), "cmath"))
     thinking = [m for m, _ in pool_chats(str(tmp_path), "messages") if m[-1]["content"].startswith("<think>\n")]
     assert len(thinking) == rep["sources"]["messages"]["reasoning_inlined"] > 0
-    assert rep["sources"]["emoji"]["truncated"] > 0
-    assert all(len(m["content"]) <= 40 for n in ("emoji", "messages") for c, _ in pool_chats(str(tmp_path), n)
-               for m in c if m["role"] == "assistant")
+    cfg["data"]["max_answer_chars"] = 40
+    rep = build_datasets.build(cfg)
+    assert rep["sources"]["messages"]["truncated"] > 0
+    answers = [m["content"] for n in ("emoji", "messages") for c, _ in pool_chats(str(tmp_path), n)
+               for m in c if m["role"] == "assistant"]
+    assert all(len(a) <= 40 for a in answers)
+    assert all(a.count("<think>") == a.count("</think>") for a in answers)  # never cut inside the <think> block
+    assert "I told my computer a joke about UDP." in answers
 
 
 def test_parquet_tsv_and_save_to_disk_inputs_match_jsonl(tmp_path):
@@ -505,7 +529,8 @@ def test_vectorized_mawps_matches_the_row_by_row_path():
     rng = random.Random(0)
     qs, ns, answers = [], [], []
     for _ in range(1500):
-        qs.append(" ".join(rng.choice(["x", f"N_{rng.randint(0, 4):02d}", "y ."]) for _ in range(rng.randint(0, 6))))
+        qs.append(" ".join(rng.choice(["x", f"N_{rng.randint(0, 4):02d}", f"number{rng.randint(0, 4)}", "y ."])
+                           for _ in range(rng.randint(0, 6))))
         ns.append(" ".join(rng.choice(["8.0", "2.50", "10", "-3.0", "0.125", "1e3", "abc", "7"])
                            for _ in range(rng.randint(0, 4))))
         answers.append(rng.choice(["8.0", "2.50", "abc", None, "1e2", "12"]))
@@ -536,3 +561,189 @@ def test_config_keeps_cmath_dev_only_and_emoji_files_explicit():
     sources = copy.deepcopy(config.CONFIG["data"]["sources"])
     assert sources["cmath"]["data_files"] == ["cmath_dev.jsonl"]
     assert all(f.endswith(".jsonl") for f in sources["emoji"]["data_files"])
+
+
+# ---------------------------------------------------------------- public layouts (issue 15), tests/data/build/
+
+BUILD_DATA = os.path.join(ROOT, "tests", "data", "build")
+
+
+def one_source(tmp_path, fmt, name, *overrides, **extra):
+    """Build a single source from tests/data/build/<name>; -> (report, rejects, pool chats)."""
+    sources = {"src": {"format": fmt, "local": os.path.join(BUILD_DATA, name), "weight": 1, **extra}}
+    rep = build_datasets.build(cfg_for(tmp_path, sources, "data.eval_files=[]", "data.min_valid=1", *overrides))
+    return rep, read_jsonl(tmp_path / "processed" / "rejects.jsonl"), pool_chats(str(tmp_path), "src")
+
+
+def test_llamafactory_v1_text_parts_keep_their_text(tmp_path):
+    """LLaMA-Factory v1 writes content as [{"type": "text", "value": ...}]: the system instruction was blanked and
+    user/assistant rows rejected as "empty answer"."""
+    rep, rejects, chats = one_source(tmp_path, "messages", "llamafactory_v1.jsonl")
+    assert sorted((m for m, _ in chats), key=json.dumps) == sorted([
+        [{"role": "system", "content": "You are a terse geography tutor."},
+         {"role": "user", "content": "Capital of Peru?"}, {"role": "assistant", "content": "Lima."}],
+        [{"role": "user", "content": "把这句话翻译成英文：你好，世界"}, {"role": "assistant", "content": "Hello, world."}],
+        [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]], key=json.dumps)
+    assert rep["sources"]["src"]["reasoning_dropped"] == 1  # the reasoning part, counted like reasoning_content
+    assert [(r["line"], r["reason"]) for r in rejects] == [
+        (4, 'content part 1 of message 1 has no text ("text" or "value" string)'),
+        (5, "content part 1 of message 1 has type 'image_url', not text (only text and reasoning parts are "
+            "supported)")]
+
+
+def test_openai_tool_calling_rows_may_end_in_a_call(tmp_path, qwen_tokenizer):
+    """OpenAI's fine-tuning format for tool calling ends with an assistant turn that carries tool_calls (the
+    model learns to call); a user turn right after a tool result is refused by the build and the check alike."""
+    import check_dataset
+    rep, rejects, chats = one_source(tmp_path, "messages", "openai_tools.jsonl", "data.total_size=2")
+    ending = [m for m, _ in chats if m[-1].get("tool_calls")]
+    assert len(chats) == 2 and len(ending) == 1
+    assert ending[0] == [{"role": "user", "content": "What is the weather in San Francisco?"},
+                         {"role": "assistant", "content": "", "tool_calls": [
+                             {"id": "call_id", "type": "function", "function": {
+                                 "name": "get_current_weather",
+                                 "arguments": {"location": "San Francisco, USA", "format": "celsius"}}}]}]
+    assert all(t[0]["function"]["name"] == "get_current_weather" for _, t in chats)
+    reason = "message 4: user turn after a tool turn; an assistant turn must come between"
+    assert [(r["line"], r["reason"]) for r in rejects] == [(3, reason)]
+    raw = json.loads(open(os.path.join(BUILD_DATA, "openai_tools.jsonl")).read().splitlines()[2])
+    assert check_dataset.check_roles(raw["messages"]) == [("roles", reason)]  # one rule for both scripts
+    enc = common.tokenize_conversation(qwen_tokenizer, *chats[[c[0] for c in chats].index(ending[0])])
+    assert enc["turn_ends"][-1] == len(enc["input_ids"]) - 1  # the call is trained, through its <|im_end|>
+    assert check_dataset.check_roles(ending[0]) == []
+
+
+def test_svamp_number_placeholders_come_from_numbers(tmp_path):
+    """SVAMP / cv_mawps write number0, number1 where MAWPS writes N_00: they were left in the question."""
+    rep, rejects, chats = one_source(tmp_path, "mawps", "svamp_cv_mawps.csv")
+    assert sorted((m[0]["content"], m[1]["content"]) for m, _ in chats) == sorted([
+        ("Mary is baking a cake . The recipe calls for 6 cups of flour and 8 cups of sugar . She already put in "
+         "4 cups of flour . How many more cups of flour does she need to add ?", "2"),
+        ("Tom has 12 marbles . He gives 5 to Ann . How many does he have left ?", "7"),
+        ("There are 11.5 birds on 1 trees . How many birds are there in all ?", "11.5")])
+    assert [(r["line"], kind(r["reason"])) for r in rejects] == [(4, "placeholder past the end of Numbers")]
+
+
+def test_json_array_rejects_name_the_record_index(tmp_path, capsys):
+    """A one-line Alpaca JSON array: every reject said "line 1"; now the record index, as json.load(f)[i]."""
+    rep, rejects, chats = one_source(tmp_path, "alpaca", "alpaca_bad_records.json")
+    assert [(r["record"], kind(r["reason"])) for r in rejects] == [
+        (1, "missing field 'output'"), (3, "wrong type"), (4, "not a JSON object")]
+    assert not any("line" in r for r in rejects)
+    assert sorted(m[-1]["content"] for m, _ in chats) == ["7", "Glad.", "chat"]
+    assert "alpaca_bad_records.json[3]: wrong type: 'output' is list, expected a string" in capsys.readouterr().out
+    ids = {r["id"] for r in mixed_rows(tmp_path)}
+    assert ids <= {"src:0", "src:2", "src:5"} and ids  # ids name the record too
+
+
+def test_a_source_with_no_good_row_beside_a_good_one(tmp_path, capsys):
+    """Was IndexError from datasets at export (an empty pool saved, then loaded back), no report, no rejects."""
+    good = write(tmp_path / "good.jsonl", [json.dumps(msgs(f"question {i}?", f"answer {i}.")) for i in range(20)])
+    sources = {"bad": {"format": "messages", "local": os.path.join(BUILD_DATA, "all_bad.jsonl"), "weight": 0.5},
+               "good": {"format": "messages", "local": good, "weight": 0.5}}
+    rep = build_datasets.build(cfg_for(tmp_path, sources, "data.eval_files=[]", "data.min_valid=2"))
+    assert rep["sources"]["bad"]["kept"] == 0 and rep["mix"]["sources"]["bad"]["rows"] == 0
+    assert rep["split"]["train"] > 0 and {r["source"] for r in mixed_rows(tmp_path)} == {"good"}
+    expected = [(1, "message 1: assistant turn before any user turn"),
+                (2, "last turn is user; a conversation must end with an assistant turn (an answer or tool calls)"),
+                (3, "empty answer")]
+    assert [(r["line"], r["reason"]) for r in read_jsonl(tmp_path / "processed" / "rejects.jsonl")] == expected
+    out = capsys.readouterr().out
+    assert all(f"all_bad.jsonl:{line}: {reason}" in out for line, reason in expected)
+
+
+def test_every_row_rejected_prints_reasons_and_writes_rejects(tmp_path):
+    """Was "see the reasons above" with no reasons printed and no rejects.jsonl."""
+    bad = os.path.join(BUILD_DATA, "all_bad.jsonl")
+    proc = run_cli(str(tmp_path), "--set", f"data.sources={{'bad': {{'format': 'messages', 'local': {bad!r}}}}}")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: no rows left after loading: all 3 rows were rejected" in proc.stderr
+    for line, reason in ((1, "assistant turn before any user turn"), (2, "last turn is user"), (3, "empty answer")):
+        assert f"all_bad.jsonl:{line}: " in proc.stdout and reason in proc.stdout
+    rejects = read_jsonl(tmp_path / "processed.failed" / "rejects.jsonl")
+    assert [r["line"] for r in rejects] == [1, 2, 3] and str(tmp_path / "processed.failed") in proc.stderr
+
+
+def test_an_empty_split_fails_and_keeps_the_previous_build(tmp_path):
+    """One good row: 0.9 x 1 rounded to an empty mix and exit code 0. The good build before it must survive."""
+    first = {"c": {"format": "alpaca", "local": write(tmp_path / "ok.jsonl", [json.dumps(
+        {"instruction": f"Say {i}.", "input": "", "output": str(i)}) for i in range(10)]), "weight": 1}}
+    build_datasets.build(cfg_for(tmp_path, first, "data.eval_files=[]", "data.min_valid=2"))
+    before = {f: open(tmp_path / "processed" / f, "rb").read() for f in ("train.jsonl", "val.jsonl", "report.json")}
+    one = {"c": {"format": "alpaca", "local": write(tmp_path / "one.jsonl", [json.dumps(
+        {"instruction": "Say hi.", "input": "", "output": "hi"})]), "weight": 1}}
+    for extra in ((), ("data.total_size=1",)):
+        with pytest.raises(build_datasets.BuildError, match="both splits need rows") as err:
+            build_datasets.build(cfg_for(tmp_path, one, "data.eval_files=[]", *extra))
+        assert "is left as it was" in str(err.value)
+        assert {f: open(tmp_path / "processed" / f, "rb").read() for f in before} == before
+        assert not os.path.exists(tmp_path / "processed.tmp")
+
+
+def test_overlong_answers_cut_at_a_sentence_end_or_dropped(tmp_path):
+    """data.max_answer_chars cut mid-word, and the cut answer was trained with <|im_end|>."""
+    long_en = "The first sentence is short. The second one runs on and on past the limit"
+    long_zh = "第一句话很短。第二句话" + "很长" * 20
+    rows = [msgs("en?", long_en), msgs("zh?", long_zh), msgs("none?", "x" * 60), msgs("pi?", "Pi is 3.14159 and so on, and so on, and so on"),
+            {"messages": [{"role": "user", "content": "tools?"},
+                          {"role": "assistant", "content": "", "tool_calls": [
+                              {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                          {"role": "tool", "tool_call_id": "c1", "content": "ok"},
+                          {"role": "assistant", "content": "Done! " + "and then some more words " * 3}]},
+            msgs("short?", "Short."), msgs("fine?", "Fine.")]
+    path = write(tmp_path / "long.jsonl", [json.dumps(r, ensure_ascii=False) for r in rows])
+    sources = {"x": {"format": "messages", "local": path, "weight": 1}}
+    rep = build_datasets.build(cfg_for(tmp_path, sources, "data.eval_files=[]", "data.min_valid=1",
+                                       "data.max_answer_chars=40"))
+    answers = sorted(m[-1]["content"] for m, _ in pool_chats(str(tmp_path), "x"))
+    assert answers == sorted(["The first sentence is short.", "第一句话很短。", "Done!", "Short.", "Fine."])
+    assert rep["sources"]["x"]["truncated"] == 3
+    no_end = "answer over data.max_answer_chars=40 with no sentence end before the limit to cut at"
+    assert [(r["line"], r["reason"]) for r in read_jsonl(tmp_path / "processed" / "rejects.jsonl")] == [
+        (3, no_end), (4, no_end)]
+    rep = build_datasets.build(cfg_for(tmp_path, sources, "data.eval_files=[]", "data.min_valid=1",
+                                       "data.max_answer_chars=40", "data.overlong_answer_policy=drop",
+                                       "data.total_size=2"))
+    assert [m[-1]["content"] for m, _ in pool_chats(str(tmp_path), "x")] == ["Short.", "Fine."]
+    assert rep["sources"]["x"]["truncated"] == 0 and rep["sources"]["x"]["rejected"] == 5
+    assert rep["rejects"]["by_reason"] == {"answer over data.max_answer_chars=40": 5}
+
+
+def test_row_ids_follow_the_row_to_the_export(tmp_path):
+    """A row's own id, else source:line, kept through pools, mix, split, JSONL and Arrow."""
+    path = write(tmp_path / "ids.jsonl", [json.dumps({"id": f"conv-{i}", **msgs(f"q{i}?", f"a{i}.")}) if i % 2
+                                          else json.dumps(msgs(f"q{i}?", f"a{i}.")) for i in range(12)])
+    build_datasets.build(cfg_for(tmp_path, {"s": {"format": "messages", "local": path, "weight": 1}},
+                                 "data.eval_files=[]", "data.min_valid=2", "data.total_size=12"))
+    rows = mixed_rows(tmp_path)
+    assert len(rows) == 12
+    for r in rows:
+        i = int(r["messages"][0]["content"][1:-1])
+        assert r["id"] == (f"conv-{i}" if i % 2 else f"s:{i + 1}")
+    arrow = common.load_split({"data": {"processed_dir": str(tmp_path / "processed")}}, "train")
+    jsonl = read_jsonl(tmp_path / "processed" / "train.jsonl")
+    assert [r["id"] for r in arrow] == [r["id"] for r in jsonl]
+
+
+@pytest.mark.parametrize("name,content,fmt,said", [
+    ("garbage.parquet", b"PAR1 not a parquet file", "alpaca", "garbage.parquet: cannot read it (ArrowInvalid"),
+    ("rows.json", b'[{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo."}]}, 7]',
+     "messages", "rows.json[1]: not a JSON object: expected an object, got int"),
+    ("only_bad.jsonl", b'[1, 2]\n"text"\n{"messages": "hi"}\n', "messages",
+     "only_bad.jsonl:3: wrong type: 'messages' must be a non-empty list"),
+])
+def test_no_input_file_ends_in_a_traceback(tmp_path, name, content, fmt, said):
+    """Every problem is a reject with its place and reason, or one clear error for the whole build (these were a
+    pyarrow traceback, and datasets' IndexError once a source kept no row)."""
+    (tmp_path / name).write_bytes(content)
+    good = write(tmp_path / "good.jsonl", [json.dumps(msgs(f"q{i}?", f"a{i}.")) for i in range(6)])
+    sources = {"x": {"format": fmt, "local": str(tmp_path / name), "weight": 1},
+               "good": {"format": "messages", "local": good, "weight": 1}}
+    proc = run_cli(str(tmp_path), "--set", f"data.sources={sources!r}", "--set", "data.eval_files=[]",
+                   "--set", "data.min_valid=1")
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert said in (proc.stderr if proc.returncode else proc.stdout)
+    assert not proc.returncode or proc.stderr.startswith("error: ")
+    if not proc.returncode:
+        rejects = read_jsonl(tmp_path / "processed" / "rejects.jsonl")
+        assert rejects and all(r["file"].endswith(name) for r in rejects)

@@ -298,3 +298,27 @@ def test_warnings_fail_only_with_strict(strict):
     proc = run_cli("--profile", "demo", *(["--strict"] if strict else []), fixture("warnings.jsonl"))
     assert proc.returncode == int(strict)
     assert f"{'FAILED' if strict else 'OK'}: 0 error(s), 2 warning(s)" in proc.stdout
+
+
+def test_the_build_rule_for_turns_and_row_ids_in_findings(tmp_path):
+    """check_dataset.py and build_datasets.py judge turn order by one function (common.conversation_problems):
+    a row ending in an assistant tool call (OpenAI's fine-tuning format) is fine, a user turn right after a tool
+    result is not (the build used to pass it). Findings and samples carry the row id that names the raw row."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": "{\"city\": \"Oslo\"}"}}
+    tools = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {
+        "city": {"type": "string"}}}}}]
+    rows = [{"id": "mine:1", "messages": [{"role": "user", "content": "Time in Oslo?"},
+                                          {"role": "assistant", "content": "", "tool_calls": [call]}], "tools": tools},
+            {"id": "mine:2", "messages": [{"role": "user", "content": "Time in Oslo?"},
+                                          {"role": "assistant", "content": "", "tool_calls": [call]},
+                                          {"role": "tool", "tool_call_id": "call_1", "content": "09:00"},
+                                          {"role": "user", "content": "Thanks"},
+                                          {"role": "assistant", "content": "You're welcome."}], "tools": tools}]
+    path = tmp_path / "mine.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    proc = run_cli("--profile", "demo", "--show", "1", str(path))
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert (f"{path}:2: error [roles] message 4: user turn after a tool turn; an assistant turn must come between "
+            f"(id mine:2)") in proc.stdout
+    assert f"{path}:1:" not in proc.stdout  # ends in a call: no "never answered"
+    assert f"── sample 1/1 · {path}:1 · id mine:1 ·" in proc.stdout

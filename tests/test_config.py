@@ -154,3 +154,61 @@ def test_config_cli_prints_the_effective_config():
     assert proc.returncode == 0, proc.stderr
     assert "Effective config (profile: demo):" in proc.stdout
     assert "  training.learning_rate = 0.0003\n" in proc.stdout and "  model.max_seq_length = 512\n" in proc.stdout
+
+
+# ---------------------------------------------------------------- issue 15: values, source fields, types
+
+@pytest.mark.parametrize("items,message", [
+    (["deploy.perf_dataset=rnadom"], "deploy.perf_dataset must be one of 'file', 'random', got 'rnadom'"),
+    (["data.mix_mode=interleaved"], "data.mix_mode must be one of 'resample', 'interleave', got 'interleaved'"),
+    (["data.overlong_answer_policy=cut"], "data.overlong_answer_policy must be one of 'truncate', 'drop'"),
+    (["sft.overlong_policy=keep"], "sft.overlong_policy must be one of 'drop', 'truncate', 'fail', got 'keep'"),
+    (["data.use_hub=1"], "data.use_hub must be one of 'auto', True, False, got 1"),  # 1 == True, yet not True
+    (["training.gradient_checkpointing=unslot"], "training.gradient_checkpointing must be one of 'unsloth'"),
+    (["data.sources.emoji.wieght=0.9"], "Unknown field data.sources.emoji.wieght. Did you mean "
+                                        "data.sources.emoji.weight?"),
+    (["data.sources.mine={'format': 'messages', 'local': 'my.jsonl', 'wieght': 0.3}"],
+     "Unknown field data.sources.mine.wieght. Did you mean data.sources.mine.weight?"),
+    (["data.sources.mine={'format': 'messages', 'local': 'my.jsonl', 'weight': 'high'}"],
+     "data.sources.mine.weight must be a number >= 0, got 'high'"),
+    (["data.sources.mine={'format': 'messages', 'local': 'my.jsonl', 'weight': -1}"],
+     "data.sources.mine.weight must be a number >= 0, got -1"),
+    (["data.sources.mine={'format': 'yaml', 'local': 'my.yaml'}"], "data.sources.mine.format must be one of cmath"),
+    (["data.sources.mine={'local': 'my.jsonl'}"], "data.sources.mine needs a format"),
+    (["data.sources.mine={'format': 'messages', 'local': 'my.jsonl', 'tags': 'math'}"],
+     "data.sources.mine.tags must be a list of strings, got 'math'"),
+    (["data.sources.mine={'format': 'columns', 'local': 'x.csv', 'columns': {'answer': 'a'}}"],
+     "format 'columns' needs"),
+    (["data.sources.mine={'format': 'columns', 'local': 'x.csv', 'columns': {'prompt': 'q', 'anwser': 'a'}}"],
+     "data.sources.mine.columns must be"),
+    (["data.sources.mine=['messages', 'my.jsonl']"], "data.sources.mine must be a dict"),
+    (["data.total_size=lots"], "data.total_size expects int or None, got 'lots'"),  # None default: was any value
+    (["data.total_size=True"], "data.total_size expects int or None, got True"),
+    (["eval.gates.min_usability=high"], "eval.gates.min_usability expects float or None, got 'high'"),
+    (["training.run_name=2024"], "training.run_name expects str or None, got 2024 (quote it: --set "
+                                 "training.run_name='2024')"),
+])
+def test_values_and_source_fields_are_checked_when_the_config_is_built(items, message):
+    with pytest.raises(ConfigError) as err:
+        build_config(None, items)
+    assert message in str(err.value)
+
+
+def test_allowed_values_cover_the_defaults_and_the_documented_alternatives():
+    cfg = build_config(None, ["data.use_hub=True", "deploy.perf_dataset=random", "data.overlong_answer_policy=drop",
+                              "training.gradient_checkpointing=False", "data.total_size=500",
+                              "eval.gates.min_usability=1", "training.run_name='2024'",
+                              "data.sources.mine={'format': 'columns', 'local': 'x.csv', 'weight': 0.2, "
+                              "'columns': {'prompt': 'q', 'answer': 'a', 'id': 'qid'}, 'tags': ['x'], 'hub': None}"])
+    assert cfg["data"]["overlong_answer_policy"] == "drop" and cfg["data"]["sources"]["mine"]["weight"] == 0.2
+    assert build_config("demo")["data"]["overlong_answer_policy"] == "truncate"
+
+
+@pytest.mark.parametrize("script", [["deploy.py", "all"], ["build_datasets.py"], ["train.py"]])
+def test_every_script_fails_on_a_bad_value_before_any_work(script):
+    proc = run_script(*script, "--set", "deploy.perf_dataset=rnadom")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "error: deploy.perf_dataset must be one of 'file', 'random', got 'rnadom'" in proc.stderr
+    assert "Effective config" not in proc.stdout and "merge" not in proc.stdout.lower()
+    proc = run_script(*script, "--set", "data.sources.emoji.wieght=0.9")
+    assert proc.returncode == 2 and "Did you mean data.sources.emoji.weight?" in proc.stderr
