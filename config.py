@@ -205,7 +205,7 @@ CHOICES = {
     "lora.bias": ("none", "all", "lora_only"),
     "training.backend": ("auto", "unsloth", "transformers"),
     "training.gradient_checkpointing": ("unsloth", True, False),
-    "training.memory_profile": ("auto", "config", "16gb", "40gb", "80gb"),
+    "training.memory_profile": ("auto", "config", "16gb", "24gb", "40gb", "80gb"),  # train.PRESETS
     "sft.train_on_turns": ("all", "last"),
     "sft.overlong_policy": ("drop", "truncate", "fail"),
     "data.use_hub": ("auto", True, False),

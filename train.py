@@ -73,18 +73,6 @@ def fail(message):
 
 # ---------------------------------------------------------------- backend and device plan
 
-def validate(cfg):
-    """Enumerated settings, checked before anything is loaded."""
-    allowed = {"training.backend": ("auto", "unsloth", "transformers"),
-               "training.memory_profile": ("auto", "config", *PRESETS),
-               "training.gradient_checkpointing": ("unsloth", True, False),
-               "sft.train_on_turns": ("all", "last"), "sft.overlong_policy": ("drop", "truncate", "fail")}
-    flat = config.flatten(cfg)
-    for key, values in allowed.items():
-        if flat[key] not in values:
-            fail(f"{key} must be one of {', '.join(map(str, values))}, got {flat[key]!r}")
-
-
 def pick_backend(cfg):
     """("unsloth" | "transformers", why). Decided before transformers/trl/peft are imported."""
     want, cuda, unsloth = cfg["training"]["backend"], common.has_cuda(), common.unsloth_available()
@@ -150,9 +138,11 @@ def estimate_memory(mc, cfg, plan):
     else:
         activations = one_layer + saved_inputs
     fixed = 0.5 * GIB + 0.5 * GIB  # fused loss chunks + CUDA context
-    train = 1.1 * (weights + lora_mem + activations + fixed)  # +10% allocator fragmentation
+    # +5% allocator overhead: with expandable segments (training.expandable_segments) reserved memory stayed
+    # within 1% of allocated on the H200 (80gb profile: 53.6 allocated, 53.8 reserved GiB)
+    train = 1.05 * (weights + lora_mem + activations + fixed)
     eval_tokens = cfg["training"]["per_device_eval_batch_size"] * cfg["model"]["max_seq_length"]
-    evaluation = 1.1 * (weights + lora_params * 4 + eval_tokens * per_token_layer + fixed)
+    evaluation = 1.05 * (weights + lora_params * 4 + eval_tokens * per_token_layer + fixed)
     return {"params_b": total / 1e9, "lora_params_m": lora_params / 1e6, "weights": weights / GIB,
             "lora_and_optimizer": lora_mem / GIB, "activations": activations / GIB, "train": train / GIB,
             "eval": evaluation / GIB}
@@ -901,7 +891,6 @@ def main():
     cfg = config.resolve(args, parser, quiet=not IS_MAIN)
     t = cfg["training"]
     random.seed(t["seed"])
-    validate(cfg)
 
     # ---- backend first: Unsloth must be imported before transformers / trl / peft
     allocator = use_expandable_segments(cfg)  # before anything touches CUDA

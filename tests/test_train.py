@@ -237,6 +237,7 @@ def test_memory_estimate_and_profiles_for_qwen3_4b():
     assert picked[80]["gradient_checkpointing"] is False and picked[16]["gradient_checkpointing"] == "unsloth"
     assert all(p["batch"] * p["accum"] == 16 for p in picked.values())  # same effective batch
     assert "model.max_seq_length=1024" in train.remedies(cfg, plan)
+    assert config.CHOICES["training.memory_profile"] == ("auto", "config", *train.PRESETS)
 
 
 # ---------------------------------------------------------------- save -> reload, the CLI
