@@ -233,6 +233,19 @@ def qwen3_tokenizer_offline(target=None):
     return target
 
 
+def load_stats_tokenizer(cfg):
+    """(tokenizer, None) for token statistics: the configured model's, or Qwen3's rebuilt offline (same ids) when the
+    model is a Qwen3 that cannot be reached, which says so; (None, why not) when neither can be had."""
+    name = cfg["model"]["name"]
+    reason = model_unavailable_reason(name)
+    if not reason:
+        return load_tokenizer(cfg), None
+    if not is_qwen3(name):
+        return None, reason
+    print(f"tokenizer: Qwen3, rebuilt offline ({name}: {reason})", flush=True)
+    return load_tokenizer(cfg, qwen3_tokenizer_offline()), None
+
+
 def publish_qwen3_settings(folder):
     """The pipeline and class of the published tokenizer files, which the converter's defaults differ from in ways
     that do not change ids (trim_offsets, ignore_merges, the decoder's regex flag) but would in offsets and class."""
