@@ -454,7 +454,7 @@ def build_report(paths, cfg, findings, per_file):
             "max_seq_length": cfg["model"]["max_seq_length"],
             "note": (f"train.py passes model.max_seq_length={cfg['model']['max_seq_length']} to SFTConfig.max_length "
                      f"(TRL's own default is 1024); lengths above are checked against it"),
-            "findings": findings, "config": cfg}
+            "findings": findings, "config": config.masked(cfg, None)}  # no secrets in files
 
 
 # ---------------------------------------------------------------- printing

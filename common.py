@@ -87,6 +87,16 @@ def run_dir(cfg, run_name=None):
     return path_in_repo(os.path.join(cfg["output"]["dir"], run_name or cfg["training"]["run_name"] or ""))
 
 
+def run_folder(cfg, run):
+    """--run RUN or --run outputs/RUN as a folder directly under output.dir; anything else (outputs/.., ../x, /x)
+    exits with why: the run folder is written into and deleted from (the merged model, reports)."""
+    out = os.path.abspath(path_in_repo(cfg["output"]["dir"]))
+    path = os.path.abspath(os.path.join(out, run) if os.sep not in run else path_in_repo(run))
+    if os.path.dirname(path) != out:
+        sys.exit(f"error: --run {run!r} is not a run folder under {out}: pass {cfg['output']['dir']}/<run> or <run>")
+    return path
+
+
 def latest_run(cfg):
     """The newest outputs/<run>/ that holds an adapter, or None."""
     runs = glob.glob(os.path.join(path_in_repo(cfg["output"]["dir"]), "*", "adapter", "adapter_config.json"))

