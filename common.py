@@ -48,6 +48,25 @@ def read_jsonl(path, on_error=None):
             yield line_no, row
 
 
+def read_eval_rows(path):
+    """Yield (where, row) of an eval set: a JSONL file's rows by line number, or the rows of a JSON file's list
+    (forgetting_probes.json "probes", predefined_tests.json "tests") as "key[index]"."""
+    if not path.endswith(".json"):
+        yield from read_jsonl(path)
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except ValueError as err:
+            raise DataError(f"{path}: {type(err).__name__}: {err}") from None
+    lists = [(k, v) for k, v in data.items() if isinstance(v, list)] if isinstance(data, dict) else []
+    if len(lists) != 1 or not all(isinstance(row, dict) for row in lists[0][1]):
+        raise DataError(f"{path}: expected a JSON object with one list of objects (e.g. \"probes\": [...])")
+    key, rows = lists[0]
+    for i, row in enumerate(rows):
+        yield f"{key}[{i}]", row
+
+
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

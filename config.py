@@ -113,7 +113,12 @@ CONFIG = {
         "max_answer_chars": 3000,  # longer assistant answers are truncated (and counted)
         "math_answer_style": "plain",  # "plain" (the seed's bare answer) | "boxed" (\boxed{} as EvalScope extracts)
         "reasoning_content": "drop",  # Qwen3-2507 is non-thinking: "drop" | "inline" (<think>…</think> + answer)
-        "eval_files": ["dataset/eval/qa.jsonl"],  # local eval sets for the decontamination check
+        # Every eval set the suite ships (JSONL rows, or a JSON file's list): a prompt in both inflates its score.
+        # Not dataset/perf_prompts.jsonl: it measures speed, not answers.
+        "eval_files": ["dataset/eval/qa.jsonl", "dataset/evalscope/qa/math.jsonl",
+                       "dataset/evalscope/qa/knowledge.jsonl", "dataset/evalscope/mcq/knowledge_dev.jsonl",
+                       "dataset/evalscope/mcq/knowledge_val.jsonl", "dataset/forgetting_probes.json",
+                       "dataset/predefined_tests.json"],
         "decontaminate": False,  # drop rows whose prompt is in eval_files (else only flagged); --decontaminate
         "strict": False,  # exit 1 on any rejected row; --strict
         "hub_timeout_s": 5.0,  # reachability probe per hub dataset; HF_HUB_OFFLINE=1 skips it

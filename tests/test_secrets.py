@@ -140,3 +140,36 @@ def test_deploy_refuses_run_outside_outputs():
     done = run("deploy.py", "merge", "--profile", "demo", "--run", "outputs/..")
     assert done.returncode == 1 and "Traceback" not in done.stderr
     assert "--run 'outputs/..' is not a run folder under" in done.stderr
+
+
+# ---------------------------------------------------------------- decontamination
+
+# Every eval set the suite ships, by hand. Not dataset/perf_prompts.jsonl: it measures speed, not answers.
+SHIPPED_EVAL_SETS = ["dataset/eval/qa.jsonl", "dataset/evalscope/qa/math.jsonl", "dataset/evalscope/qa/knowledge.jsonl",
+                     "dataset/evalscope/mcq/knowledge_dev.jsonl", "dataset/evalscope/mcq/knowledge_val.jsonl",
+                     "dataset/forgetting_probes.json", "dataset/predefined_tests.json"]
+
+
+def build(tmp_path, *overrides):
+    import build_datasets
+    return build_datasets.build(config.build_config(overrides=[
+        f"data.processed_dir={tmp_path / 'processed'}", f"data.pools_dir={tmp_path / 'pools'}", *overrides]))
+
+
+def test_every_shipped_eval_set_is_checked_and_none_repeats_training(tmp_path):
+    assert config.CONFIG["data"]["eval_files"] == SHIPPED_EVAL_SETS
+    rep = build(tmp_path)["decontamination"]
+    assert rep["eval_files"] == SHIPPED_EVAL_SETS
+    # Only the three rows dataset/eval/qa.jsonl repeats on purpose (tag "overlap-check", make_samples.py), so the
+    # check has something to flag; no scored set shares a prompt with the shipped training data.
+    assert sorted(f["eval"] for f in rep["examples"]) == [f"dataset/eval/qa.jsonl:{n}" for n in (13, 14, 15)]
+
+
+def test_json_eval_sets_are_read(tmp_path):
+    """A probe (a JSON file's list) sharing a training prompt is flagged, named by its list index."""
+    probes = tmp_path / "probes.json"
+    probes.write_text(json.dumps({"description": "x", "probes": [
+        {"name": "a", "question": "Never in the training data, surely?"},
+        {"name": "b", "question": "What is the capital of France?"}]}))
+    rep = build(tmp_path, f"data.eval_files=['{probes}']")["decontamination"]
+    assert [(f["source"], f["eval"]) for f in rep["examples"]] == [("alpaca", f"{probes}:probes[1]")]
