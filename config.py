@@ -70,7 +70,7 @@ CONFIG = {
         "memory_profile": "auto",  # "auto" | "config" | "16gb" | "40gb" | "80gb"
         "early_stopping_patience": 0,  # evals without a new best eval loss before stopping; 0 = off
         "overfit_patience": 2,  # warn after N evals in a row with eval loss up while train loss went down
-        "run_name": None,  # outputs/<run_name>/; None = "<model>-<timestamp>"
+        "run_name": None,  # outputs/<run_name>/; None = "<model>-<timestamp>"; letters, digits, . _ - only
     },
     "sft": {
         "assistant_only_loss": True,  # loss on assistant content + its <|im_end|> only
@@ -159,10 +159,10 @@ CONFIG = {
     },
     "deploy": {
         "engine": "auto",  # "auto" (vllm with CUDA, else transformers) | "vllm" | "transformers"
-        "host": "127.0.0.1",
+        "host": "127.0.0.1",  # bind address; the transformers engine (no key check) accepts loopback only
         "port": 8000,
         "api_key": None,  # key the vLLM server requires; None = $VLLM_API_KEY if set. Printed masked, never saved
-        "served_model_name": "qwen3-4b-sft",
+        "served_model_name": "qwen3-4b-sft",  # `model` clients send; letters, digits, . _ - only
         "max_model_len": 16384,  # the seed's 16 GB flags; scaled up on bigger cards
         "gpu_memory_utilization": 0.82,
         "max_num_seqs": 4,
