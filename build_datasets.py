@@ -1163,7 +1163,7 @@ def eval_prompts(cfg):
     """{normalized prompt: "file:line"} over data.eval_files (messages rows, or prompt/question fields)."""
     texts, where = [], []
     for path in cfg["data"]["eval_files"]:
-        for line, row in common.read_jsonl(common.path_in_repo(path)):
+        for line, row in common.read_eval_rows(common.path_in_repo(path)):  # JSONL, or a JSON list (probes)
             if isinstance(row.get("messages"), list):
                 text = "\n".join(m.get("content") or "" for m in row["messages"]
                                  if isinstance(m, dict) and m.get("role") == "user")

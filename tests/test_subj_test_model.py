@@ -121,11 +121,26 @@ def test_menu_tests_chat_interrupt_and_eof(adapter):
     child.sendline("/exit")
     child.expect_exact(CHOICE)
 
-    child.sendline("2")  # Ctrl-C while an answer streams: back to the menu, not out of the program
+    child.sendline("4")
+    child.expect_exact("Bye")
+    assert exit_status(child) == (0, None)
+
+    # Ctrl-C while an answer streams: back to the menu, not out of the program. Up to 200 new tokens (~10 s on a
+    # CPU) and the Ctrl-C sent on the first streamed character: the answer cannot have ended before it lands.
+    child = spawn("--adapter", adapter, max_new_tokens=200)
+    child.sendline("2")
     child.expect_exact(YOU)
     child.sendline("Tell me a long story about the sea.")
     child.expect_exact("🤖 Output:")
+    child.expect(r"\S")  # the answer is streaming
     child.sendintr()
+    child.expect_exact(CHOICE)
+    assert "tokens in" not in child.before and "history:" not in child.before  # cut, not finished
+    child.sendline("2")  # a new chat: the interrupted question is in no history
+    child.expect_exact(YOU)
+    child.sendline("Hi")
+    child.expect_exact("history: 1 turn(s)")
+    child.sendline("/exit")
     child.expect_exact(CHOICE)
     child.sendintr()  # Ctrl-C at the menu: the menu again
     child.expect_exact("back to the menu")
