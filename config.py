@@ -51,7 +51,7 @@ CONFIG = {
         "eval_steps": 50,  # evaluate on validation every N optimizer steps
         "eval_on_start": True,  # one eval before step 1: the baseline in loss.png and for the overfitting check
         "save_steps": 50,  # checkpoint every N optimizer steps
-        "save_total_limit": 3,  # keep the last K checkpoints
+        "save_total_limit": 3,  # keep the last K checkpoints (plus the best eval loss's)
         "logging_steps": 5,
         "per_device_eval_batch_size": 1,  # small on purpose: eval must fit where training fits
         "seed": 42,

@@ -707,7 +707,11 @@ def plot_losses(metrics_path, png_path, title):
         ax.plot(*zip(*train), color="tab:blue", lw=1.5, label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", lw=2, label="eval loss (validation)")
-    ax.set(xlabel="optimizer step", ylabel="loss per trained token (assistant turns)", title=title)
+        best = best_eval(rows)
+        if best:
+            ax.axvline(best["step"], ls=":", color="gray", label=f"lowest eval loss: adapter/ (step {best['step']})")
+    ax.set(xlabel=None if any(generation.values()) else "optimizer step",
+           ylabel="loss per trained token (assistant turns)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
