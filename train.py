@@ -107,9 +107,14 @@ def check_extra(cfg):
     import difflib
     from trl import SFTConfig
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    # SFTConfig fields that other config keys feed (sft_args): set those keys, so one name means one thing.
+    own = {**{name: f"training.{name}" for name in cfg["training"]}, "max_length": "model.max_seq_length",
+           "packing": "sft.packing", "assistant_only_loss": "sft.assistant_only_loss",
+           "warmup_steps": "training.warmup_ratio", "output_dir": "output.dir and training.run_name",
+           "run_name": "training.run_name", "data_seed": "training.seed"}
     for name in cfg["training"]["extra"]:
-        if name in cfg["training"] or name in ("neftune_noise_alpha", "report_to"):
-            fail(f"training.extra.{name}: set training.{name} instead")
+        if name in own:
+            fail(f"training.extra.{name}: set {own[name]} instead")
         if name not in fields:
             close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
             fail(f"training.extra.{name} is not an SFTConfig field" +
