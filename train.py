@@ -1059,7 +1059,12 @@ def main():
     resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
     callbacks = [run_callback(run, cfg)] + (tracker_callbacks(cfg, run_dir, resume_step) if IS_MAIN else [])
     if t["early_stopping_patience"]:
+        import logging
         from transformers import EarlyStoppingCallback
+        # Its "without load_best_model_at_end ... the best model will not be loaded" is not so here: save_adapters
+        # writes the best step's weights as adapter/.
+        logging.getLogger("transformers.trainer_callback").addFilter(
+            lambda record: "load_best_model_at_end" not in str(record.msg))
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"]))
     args_ = sft_args(cfg, plan, os.path.join(run_dir, "checkpoints"), packing, resuming=resume_from is not None)
     trainer = build_trainer(model, tokenizer, args_, data["train"], data["validation"], callbacks)
