@@ -793,7 +793,7 @@ def run_callback(run, cfg):
                 fix_adapter_base(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), cfg, quiet=True)
 
         def on_step_end(self, args, state, control, **kwargs):
-            test_signal(state.global_step, "step")
+            stop_for_test(state.global_step, "step")
             stop = run["interrupted"]
             if WORLD_SIZE > 1:  # every rank must stop at the same step
                 flag = torch.tensor([int(stop)], device=args.device)
@@ -808,7 +808,7 @@ def run_callback(run, cfg):
     return RunCallback()
 
 
-def test_signal(step, where):
+def stop_for_test(step, where):
     """For tests: stop at a known point instead of racing a timer. SFT_TEST_STOP_AT_STEP=N sends
     SFT_TEST_STOP_SIGNAL (INT, the default, or KILL) to this process at the end of step N
     (SFT_TEST_STOP_IN=step, the default) or in the middle of step N's checkpoint save (=save: weights and
@@ -819,14 +819,14 @@ def test_signal(step, where):
 
 
 def add_save_test_hook(trainer):
-    """SFT_TEST_STOP_IN=save: test_signal between the optimizer and trainer_state.json of a checkpoint."""
+    """SFT_TEST_STOP_IN=save: stop_for_test between the optimizer and trainer_state.json of a checkpoint."""
     if os.environ.get("SFT_TEST_STOP_IN") != "save":
         return
     save = trainer._save_optimizer_and_scheduler
 
     def save_then_signal(output_dir):
         save(output_dir)
-        test_signal(trainer.state.global_step, "save")
+        stop_for_test(trainer.state.global_step, "save")
     trainer._save_optimizer_and_scheduler = save_then_signal
 
 
