@@ -125,16 +125,37 @@ def latest_run(cfg):
 
 
 def resolve_adapter(cfg, adapter=None):
-    """The adapter folder to load: `adapter` if given, else the newest run's; a clear exit when there is none."""
+    """The adapter folder to load: `adapter` if given (an adapter folder such as outputs/<run>/adapter,
+    adapter_last or checkpoints/checkpoint-N, or a run folder: its adapter/), else the newest run's; a clear exit
+    when there is none."""
     if adapter is None:
         run = latest_run(cfg)
         adapter = os.path.join(run, "adapter") if run else None
     if adapter is None:
         sys.exit(f"error: no adapter found under {path_in_repo(cfg['output']['dir'])}/*/adapter: "
                  f"train first (`python train.py`), pass --adapter PATH, or use --base-only")
+    if not os.path.isfile(os.path.join(adapter, "adapter_config.json")) and \
+            os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json")):
+        adapter = os.path.join(adapter, "adapter")  # a run folder
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        sys.exit(f"error: {adapter} is not a PEFT adapter folder (no adapter_config.json)")
+        sys.exit(f"error: {adapter} is not a PEFT adapter folder (no adapter_config.json); pass outputs/<run>, "
+                 f"outputs/<run>/adapter or outputs/<run>/checkpoints/checkpoint-N")
     return adapter
+
+
+def run_of_adapter(adapter):
+    """(run folder, label) of an adapter folder: outputs/<run>/adapter -> (outputs/<run>, "<run>"),
+    adapter_last or checkpoints/checkpoint-N -> (outputs/<run>, "<run>-checkpoint-N"); any other folder is its
+    own run."""
+    adapter = os.path.normpath(os.path.abspath(adapter))
+    parent, name = os.path.dirname(adapter), os.path.basename(adapter)
+    if os.path.basename(parent) == "checkpoints":
+        run = os.path.dirname(parent)
+    elif name in ("adapter", "adapter_last"):
+        run = parent
+    else:
+        return adapter, name
+    return run, os.path.basename(run) + ("" if name == "adapter" else f"-{name}")
 
 
 # ---------------------------------------------------------------- model files
@@ -599,6 +620,114 @@ def model_unavailable_reason(name):
         return "no such model on the hub, and no such local folder"
     except (httpx.HTTPError, HfHubHTTPError, OSError) as err:
         return f"not a local folder nor in the hub cache, and the hub is not reachable ({type(err).__name__}: {err})"
+
+
+# ---------------------------------------------------------------- answer metrics (obj_test_model.py, train.py)
+# What makes an answer usable and a JSON answer valid: obj_test_model.py's docstring explains each rule;
+# train.py's generation eval (training.generation_eval_every) scores with the same functions.
+
+CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
+UNITS = re.compile(rf"[{CJK}]|[^\W\d_{CJK}]+|\d+|[^\w\s]")
+MIN_NGRAMS = 8  # fewer n-grams than this is too short to call repetitive
+MIN_LETTERS = 5  # fewer letters than this is too short to judge the language
+
+
+def repeat_share(text, n=4):
+    """Share of repeated n-grams of units (CJK char / word / number / symbol): 1 - distinct / total."""
+    units = UNITS.findall(text)
+    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
+    if len(grams) < MIN_NGRAMS:
+        return 0.0
+    return 1.0 - len(set(grams)) / len(grams)
+
+
+def language_share(text, lang):
+    """Share of CJK (zh) or ASCII (en) letters among all letters; None when there are too few letters."""
+    letters = [c for c in text if c.isalpha()]
+    if len(letters) < MIN_LETTERS:
+        return None
+    if lang == "zh":
+        hits = sum(1 for c in letters if re.match(rf"[{CJK}]", c))
+    else:
+        hits = sum(1 for c in letters if c.isascii())
+    return hits / len(letters)
+
+
+def expected_language(tags, has_tools=False):
+    if "json-only" in tags or has_tools:
+        return None
+    return "zh" if "zh" in tags else "en" if "en" in tags else None
+
+
+def usability(text, finish_reason, tags, cfg, has_tools=False):
+    """The reasons an answer is not usable (see the module docstring); an empty list means usable."""
+    e = cfg["eval"]
+    if not text.strip():
+        return ["empty answer"]
+    reasons = []
+    if finish_reason != "stop":
+        reasons.append(f"not ended: finish_reason={finish_reason} (cut at max_new_tokens={e['max_new_tokens']})")
+    share = repeat_share(text, e["repeat_ngram"])
+    if share > e["max_repeat_share"]:
+        reasons.append(f"degenerate repetition: {share:.0%} of {e['repeat_ngram']}-grams repeated "
+                       f"(limit {e['max_repeat_share']:.0%})")
+    lang = expected_language(tags, has_tools)
+    if lang:
+        got = language_share(text, lang)
+        if got is not None and got < e["min_lang_share"]:
+            reasons.append(f"wrong language: {got:.0%} {'CJK' if lang == 'zh' else 'ASCII'} letters for a {lang} row "
+                           f"(need {e['min_lang_share']:.0%})")
+    return reasons
+
+
+def reference_keys(reference):
+    """Top-level keys of a reference answer that is a JSON object, else None (no key check)."""
+    try:
+        obj = json.loads(reference)
+    except ValueError:
+        return None
+    return sorted(obj) if isinstance(obj, dict) else None
+
+
+def json_validity(text, required_keys=None):
+    """(valid, reason): the whole answer must parse; with required_keys it must be an object holding them."""
+    try:
+        obj = json.loads(text.strip())
+    except ValueError as err:
+        return False, f"not JSON: {err}"
+    if required_keys:
+        if not isinstance(obj, dict):
+            return False, f"expected a JSON object with keys {required_keys}, got {type(obj).__name__}"
+        missing = [k for k in required_keys if k not in obj]
+        if missing:
+            return False, f"JSON object misses keys {missing}"
+    return True, None
+
+
+def score_answer(text, finish_reason, tags, reference, cfg, has_tools=False):
+    """(usability reasons, JSON valid or None, why not): one generated answer judged as obj_test_model.py does.
+    JSON validity applies to rows tagged json-only only (None elsewhere)."""
+    reasons = usability(text, finish_reason, tags, cfg, has_tools=has_tools)
+    if "json-only" not in tags:
+        return reasons, None, None
+    keys = reference_keys(reference) if cfg["eval"]["json_keys_from_reference"] else None
+    valid, why = json_validity(text, keys)
+    return reasons, valid, why
+
+
+def split_for_generation(messages):
+    """(prompt messages, reference text): the conversation up to its last assistant turn, and that turn."""
+    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
+    if last is None:
+        return None, None
+    answer = messages[last]
+    reference = answer.get("content") or ""
+    if answer.get("tool_calls"):
+        reference += "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
+                                                          "arguments": c["function"]["arguments"]},
+                                                         ensure_ascii=False) + "\n</tool_call>"
+                             for c in answer["tool_calls"])
+    return messages[:last], reference
 
 
 # ---- obj_test_model.py / subj_test_model.py: the one generation helper, in process or through an endpoint

@@ -38,6 +38,7 @@ CONFIG = {
         "lora_dropout": 0.0,
         "target_modules": LINEAR_PROJECTIONS,  # all seven linear projections of each block
         "bias": "none",  # "none" | "all" | "lora_only"
+        "use_rslora": False,  # rank-stabilized LoRA: scale = alpha / sqrt(r) instead of alpha / r
     },
     "training": {
         "backend": "auto",  # "auto" (Unsloth with CUDA when installed, else transformers+PEFT) | "unsloth" | "transformers"
@@ -54,7 +55,7 @@ CONFIG = {
         "eval_steps": 50,  # evaluate on validation every N optimizer steps
         "eval_on_start": True,  # one eval before step 1: the baseline in loss.png and for the overfitting check
         "save_steps": 50,  # checkpoint every N optimizer steps
-        "save_total_limit": 3,  # keep the last K checkpoints
+        "save_total_limit": 3,  # keep the last K checkpoints (plus the best eval loss's)
         "logging_steps": 5,
         "per_device_eval_batch_size": 1,  # small on purpose: eval must fit where training fits
         "seed": 42,
@@ -78,6 +79,13 @@ CONFIG = {
         "early_stopping_patience": 0,  # evals without a new best eval loss before stopping; 0 = off
         "overfit_patience": 2,  # warn after N evals in a row with eval loss up while train loss went down
         "run_name": None,  # outputs/<run_name>/; None = "<model>-<timestamp>"; letters, digits, . _ - only
+        "report_to": ["tensorboard"],  # trackers: "tensorboard" (outputs/<run>/tensorboard/) | "wandb"; [] = none
+        # Every N-th eval also generates greedy answers for the first generation_eval_samples validation rows and
+        # logs usability and JSON validity (obj_test_model.py's rules) beside eval loss; 0 = off.
+        "generation_eval_every": 0,  # evals; 0 = off
+        "generation_eval_samples": 16,  # validation rows (the first N with an assistant turn)
+        "neftune_noise_alpha": None,  # NEFTune embedding noise (SFTConfig); 5 is the paper's value; None = off
+        "extra": {},  # more SFTConfig fields as is, e.g. {"adam_beta2": 0.95}; names are checked against SFTConfig
     },
     "sft": {
         "assistant_only_loss": True,  # loss on assistant content + its <|im_end|> only
@@ -270,7 +278,8 @@ class ConfigError(ValueError):
 
 
 def flatten(d, prefix=""):
-    """{"a": {"b": 1}} -> {"a.b": 1}. The `data.sources` and `eval.gates` dicts stay open for sub-keys."""
+    """{"a": {"b": 1}} -> {"a.b": 1}. The `data.sources`, `eval.gates` and `training.extra` dicts stay open for
+    sub-keys."""
     out = {}
     for key, value in d.items():
         path = f"{prefix}{key}"
@@ -329,7 +338,7 @@ def set_key(cfg, key, value):
             return
         # Sub-keys of open dicts (a new data source, a gate) are allowed one level under them.
         parent = ".".join(parts[:-1])
-        if parent in ("data.sources", "eval.gates") or parent.startswith("data.sources."):
+        if parent in ("data.sources", "eval.gates", "training.extra") or parent.startswith("data.sources."):
             node[parts[-1]] = value
             return
     close = difflib.get_close_matches(key, list(known), n=3, cutoff=0.5)

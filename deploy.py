@@ -9,6 +9,7 @@ Writes outputs/<run>/merged/ (safetensors, tokenizer + chat template, generation
 
     python deploy.py all                       # merge, serve, test, perf, stop: the newest run in outputs/
     python deploy.py merge --run outputs/RUN   # just the merge (+ GGUF when llama.cpp is on PATH)
+    python deploy.py merge --adapter outputs/RUN/checkpoints/checkpoint-100   # merge an earlier step instead
     python deploy.py serve                     # serve until Ctrl-C (which stops the whole process group)
     python deploy.py serve --lora              # base + adapter without merging (vLLM --enable-lora)
     python deploy.py test                      # against a running server (deploy.host/port)
@@ -362,13 +363,16 @@ def print_vllm_settings(s):
 
 # ---------------------------------------------------------------- runs
 
-def resolve_run(cfg, run=None):
-    """(run folder, the training config saved in it). --run, else the newest outputs/<run>/ with an adapter."""
+def resolve_run(cfg, run=None, adapter=None):
+    """(run folder, the training config saved in it). --run, else --adapter's run, else the newest outputs/<run>/
+    with an adapter."""
+    if adapter:
+        run = common.run_of_adapter(adapter)[0]
     path = common.run_folder(cfg, run) if run else common.latest_run(cfg)
     if path is None:
         raise DeployError(f"no training run with an adapter under {common.path_in_repo(cfg['output']['dir'])}; "
                           f"train first (python train.py) or pass --run outputs/<run>")
-    check_adapter_dir(os.path.join(path, "adapter"))
+    check_adapter_dir(adapter or os.path.join(path, "adapter"))
     saved = os.path.join(path, "config.json")
     if os.path.isfile(saved):
         with open(saved, encoding="utf-8") as f:
@@ -560,9 +564,10 @@ def export_gguf(cfg, out_dir):
     return gguf
 
 
-def merge(cfg, run_path, train_cfg, gguf=True):
-    """outputs/<run>/merged/: merged weights, tokenizer + chat template, generation_config.json, merge_check.json."""
-    adapter_dir = os.path.join(run_path, "adapter")
+def merge(cfg, run_path, train_cfg, gguf=True, adapter_dir=None):
+    """outputs/<run>/merged/: merged weights, tokenizer + chat template, generation_config.json, merge_check.json
+    (which names the adapter: outputs/<run>/adapter, or the --adapter given, e.g. a checkpoint)."""
+    adapter_dir = adapter_dir or os.path.join(run_path, "adapter")
     out_dir = os.path.join(run_path, "merged")
     use_unsloth = common.import_unsloth_first()  # True on a GPU with Unsloth; before transformers is imported
     base_dir = base_model_path(train_cfg["model"]["name"])
@@ -1099,6 +1104,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["merge", "serve", "test", "perf", "all"])
     parser.add_argument("--run", help="outputs/<run> folder (default: the newest with an adapter)")
+    parser.add_argument("--adapter", help="merge this adapter: outputs/<run>[/adapter | /adapter_last | "
+                                          "/checkpoints/checkpoint-N] (default: the run's adapter/)")
     parser.add_argument("--engine", choices=ENGINES, help="overrides deploy.engine")
     parser.add_argument("--lora", action="store_true", help="serve base + adapter unmerged (vLLM --enable-lora)")
     parser.add_argument("--model", help="serve/test/perf this model folder instead of outputs/<run>/merged")
@@ -1118,7 +1125,8 @@ def main():
         check_host(cfg, engine)
         if engine == "transformers" and cfg["deploy"]["tensor_parallel_size"] > 1:
             print("note: tensor_parallel_size applies to vLLM only; the transformers engine uses one device")
-        run_path, train_cfg = resolve_run(cfg, args.run)
+        adapter = common.resolve_adapter(cfg, args.adapter) if args.adapter else None
+        run_path, train_cfg = resolve_run(cfg, args.run, adapter)
         reports = reports_dir(cfg, run_path)
         config.save_config(cfg, os.path.join(reports, "deploy_config.json"),
                            extra={"step": args.step, "engine": engine, "run": run_path, "git_sha": common.git_sha(),
@@ -1131,7 +1139,7 @@ def main():
                 argv[argv.index("all")] = "merge"
                 subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             else:
-                merge(cfg, run_path, train_cfg, gguf=not args.no_gguf)
+                merge(cfg, run_path, train_cfg, gguf=not args.no_gguf, adapter_dir=adapter)
         if args.step == "merge":
             return
         if args.step == "serve":

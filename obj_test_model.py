@@ -9,6 +9,7 @@ Writes reports/<run>/eval.json, eval.md, eval_tags.png (per-tag bar chart), eval
     python obj_test_model.py                                   # newest run, in-process generation
     python obj_test_model.py --profile demo                    # the CPU demo
     python obj_test_model.py --adapter outputs/RUN/adapter --set eval.max_samples=50
+    python obj_test_model.py --adapter outputs/RUN/checkpoints/checkpoint-100   # any saved step
     python obj_test_model.py --endpoint http://127.0.0.1:8000/v1 --evalscope   # e.g. `python deploy.py serve`
     python obj_test_model.py --set eval.gates.max_ppl_ratio=1.0 --set eval.gates.no_probe_regression=True
 
@@ -52,86 +53,13 @@ os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # perplexity needs real log
 import common  # noqa: E402
 import config  # noqa: E402
 
-CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff"
-UNITS = re.compile(rf"[{CJK}]|[^\W\d_{CJK}]+|\d+|[^\w\s]")
-MIN_NGRAMS = 8  # fewer n-grams than this is too short to call repetitive
-MIN_LETTERS = 5  # fewer letters than this is too short to judge the language
+# One implementation of the answer metrics (train.py's generation eval uses them too): common.py.
+from common import (expected_language, json_validity, language_share, reference_keys,  # noqa: E402,F401
+                    repeat_share, split_for_generation, usability)
 SIDES = ("base", "tuned")
 
 
 # ---------------------------------------------------------------- metrics on finished answers
-
-def repeat_share(text, n=4):
-    """Share of repeated n-grams of units (CJK char / word / number / symbol): 1 - distinct / total."""
-    units = UNITS.findall(text)
-    grams = [tuple(units[i:i + n]) for i in range(len(units) - n + 1)]
-    if len(grams) < MIN_NGRAMS:
-        return 0.0
-    return 1.0 - len(set(grams)) / len(grams)
-
-
-def language_share(text, lang):
-    """Share of CJK (zh) or ASCII (en) letters among all letters; None when there are too few letters."""
-    letters = [c for c in text if c.isalpha()]
-    if len(letters) < MIN_LETTERS:
-        return None
-    if lang == "zh":
-        hits = sum(1 for c in letters if re.match(rf"[{CJK}]", c))
-    else:
-        hits = sum(1 for c in letters if c.isascii())
-    return hits / len(letters)
-
-
-def expected_language(tags, has_tools=False):
-    if "json-only" in tags or has_tools:
-        return None
-    return "zh" if "zh" in tags else "en" if "en" in tags else None
-
-
-def usability(text, finish_reason, tags, cfg, has_tools=False):
-    """The reasons an answer is not usable (see the module docstring); an empty list means usable."""
-    e = cfg["eval"]
-    if not text.strip():
-        return ["empty answer"]
-    reasons = []
-    if finish_reason != "stop":
-        reasons.append(f"not ended: finish_reason={finish_reason} (cut at max_new_tokens={e['max_new_tokens']})")
-    share = repeat_share(text, e["repeat_ngram"])
-    if share > e["max_repeat_share"]:
-        reasons.append(f"degenerate repetition: {share:.0%} of {e['repeat_ngram']}-grams repeated "
-                       f"(limit {e['max_repeat_share']:.0%})")
-    lang = expected_language(tags, has_tools)
-    if lang:
-        got = language_share(text, lang)
-        if got is not None and got < e["min_lang_share"]:
-            reasons.append(f"wrong language: {got:.0%} {'CJK' if lang == 'zh' else 'ASCII'} letters for a {lang} row "
-                           f"(need {e['min_lang_share']:.0%})")
-    return reasons
-
-
-def reference_keys(reference):
-    """Top-level keys of a reference answer that is a JSON object, else None (no key check)."""
-    try:
-        obj = json.loads(reference)
-    except ValueError:
-        return None
-    return sorted(obj) if isinstance(obj, dict) else None
-
-
-def json_validity(text, required_keys=None):
-    """(valid, reason): the whole answer must parse; with required_keys it must be an object holding them."""
-    try:
-        obj = json.loads(text.strip())
-    except ValueError as err:
-        return False, f"not JSON: {err}"
-    if required_keys:
-        if not isinstance(obj, dict):
-            return False, f"expected a JSON object with keys {required_keys}, got {type(obj).__name__}"
-        missing = [k for k in required_keys if k not in obj]
-        if missing:
-            return False, f"JSON object misses keys {missing}"
-    return True, None
-
 
 def probe_passed(answer, keywords):
     folded = answer.casefold()
@@ -192,21 +120,6 @@ def check_gates(report, gates):
 
 
 # ---------------------------------------------------------------- data
-
-def split_for_generation(messages):
-    """(prompt messages, reference text): the conversation up to its last assistant turn, and that turn."""
-    last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=None)
-    if last is None:
-        return None, None
-    answer = messages[last]
-    reference = answer.get("content") or ""
-    if answer.get("tool_calls"):
-        reference += "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
-                                                          "arguments": c["function"]["arguments"]},
-                                                         ensure_ascii=False) + "\n</tool_call>"
-                             for c in answer["tool_calls"])
-    return messages[:last], reference
-
 
 def load_rows(cfg, data):
     """Validation rows as dicts: chat (messages, tools), source, tags, prompt, reference."""
@@ -365,11 +278,8 @@ def evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate,
     answers = generate([(r["prompt"], r["chat"][1]) for r in gen_rows], f"{side}: answers") if gen_rows else []
     samples = []
     for r, a in zip(gen_rows, answers):
-        reasons = usability(a["text"], a["finish_reason"], r["tags"], cfg, has_tools=bool(r["chat"][1]))
-        valid, why = (None, None)
-        if "json-only" in r["tags"]:
-            keys = reference_keys(r["reference"]) if e["json_keys_from_reference"] else None
-            valid, why = json_validity(a["text"], keys)
+        reasons, valid, why = common.score_answer(a["text"], a["finish_reason"], r["tags"], r["reference"], cfg,
+                                                  has_tools=bool(r["chat"][1]))
         samples.append({"side": side, "index": r["index"], "id": r["id"], "source": r["source"], "tags": r["tags"],
                         "prompt": r["prompt"][-1]["content"] if r["prompt"] else "", "reference": r["reference"],
                         "answer": a["text"], "finish_reason": a["finish_reason"],
@@ -538,15 +448,15 @@ def plot_tags(report, path):
 def run_name(adapter, cfg):
     if adapter is None:
         return cfg["training"]["run_name"] or "base-" + os.path.basename(os.path.normpath(cfg["model"]["name"]))
-    adapter = os.path.normpath(adapter)
-    return os.path.basename(os.path.dirname(adapter) if os.path.basename(adapter) == "adapter" else adapter)
+    return common.run_of_adapter(adapter)[1]  # a checkpoint's report goes to reports/<run>-checkpoint-N/
 
 
 # ---------------------------------------------------------------- main
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", help="adapter folder (default: the newest outputs/<run>/adapter)")
+    parser.add_argument("--adapter", help="adapter folder: outputs/<run>[/adapter | /adapter_last | "
+                                          "/checkpoints/checkpoint-N] (default: the newest outputs/<run>/adapter)")
     parser.add_argument("--base-only", action="store_true", help="evaluate the untuned base model only")
     parser.add_argument("--tuned-only", action="store_true", help="evaluate the tuned model only (no base column; "
                                                                   "gates comparing with the base then fail)")

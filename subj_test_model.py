@@ -6,6 +6,7 @@ Reads  the adapter (newest outputs/<run>/adapter, or --adapter) on top of model.
     python subj_test_model.py                      # base + newest adapter
     python subj_test_model.py --profile demo       # the CPU demo (SmolLM2-135M)
     python subj_test_model.py --adapter outputs/RUN/adapter
+    python subj_test_model.py --adapter outputs/RUN/checkpoints/checkpoint-100   # any saved step
     python subj_test_model.py --base-only          # the untuned model
     python subj_test_model.py --compare            # base and tuned answer each prompt, shown side by side
     python subj_test_model.py --set eval.temperature=0.2 --set eval.max_new_tokens=256
@@ -165,7 +166,8 @@ def chat(model, tokenizer, settings, sides, seed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--adapter", help="adapter folder (default: the newest outputs/<run>/adapter)")
+    parser.add_argument("--adapter", help="adapter folder: outputs/<run>[/adapter | /adapter_last | "
+                                          "/checkpoints/checkpoint-N] (default: the newest outputs/<run>/adapter)")
     parser.add_argument("--base-only", action="store_true", help="chat with the untuned base model")
     parser.add_argument("--compare", action="store_true", help="base and tuned answer every prompt, side by side")
     config.add_config_args(parser)

@@ -2,9 +2,11 @@
 
 Reads   dataset/processed/{train,validation}/ (from `python build_datasets.py`) and the model (config model.name).
 Writes  outputs/<run_name>/: adapter/ (LoRA + tokenizer with the model's original chat template; its base
-        field names the 16-bit base), checkpoints/checkpoint-N/, config.json (effective config, data and
-        template hashes, package versions, git SHA), metrics.jsonl, summary.json, loss.png, rejects.jsonl
-        (rows dropped or truncated for length, when there are any).
+        field names the 16-bit base; with eval on, the weights of the step with the lowest eval loss),
+        adapter_last/ (the final step's, when that is not the best), checkpoints/checkpoint-N/, config.json
+        (effective config, data and template hashes, package versions, git SHA), metrics.jsonl, summary.json,
+        loss.png, tensorboard/ (training.report_to), rejects.jsonl (rows dropped or truncated for length, when
+        there are any).
 
     python train.py                                  # GPU: Unsloth 4-bit QLoRA; no CUDA: transformers + PEFT, fp32
     python train.py --profile demo                   # bundled SmolLM2-135M, small sizes: minutes on a CPU
@@ -17,7 +19,9 @@ Writes  outputs/<run_name>/: adapter/ (LoRA + tokenizer with the model's origina
 The loss mask is ours (common.tokenize_conversation): loss on assistant content and its <|im_end|> only.
 TRL gets pre-tokenized input_ids + labels and keeps them as they are (checked at start). Packing is used only
 after a check shows that a packed sample gets the same loss as alone. Ctrl-C saves a checkpoint at the end of
-the current step and exits; `--resume` continues with the same data order and step count.
+the current step and exits; `--resume` continues with the same data order and step count, and logs the same
+losses step for step (tests/test_train.py). Every checkpoint-N is an adapter folder the other scripts take:
+`python obj_test_model.py --adapter outputs/<run>/checkpoints/checkpoint-N`.
 """
 
 import argparse
@@ -28,7 +32,9 @@ import math
 import os
 import random
 import re
+import shutil
 import signal
+import socket
 import sys
 import tempfile
 import time
@@ -72,6 +78,49 @@ def fail(message):
 
 
 # ---------------------------------------------------------------- backend and device plan
+
+def validate(cfg):
+    """What config.py cannot check alone (allowed values are checked there): generation eval sizes and the
+    trackers' packages, before anything is loaded."""
+    t = cfg["training"]
+    if t["generation_eval_every"] < 0 or t["generation_eval_samples"] < 1:
+        fail("training.generation_eval_every must be >= 0 (0 = off) and training.generation_eval_samples >= 1")
+    check_trackers(t["report_to"])
+
+
+TRACKERS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # training.report_to name -> the package it needs
+
+
+def check_trackers(report_to):
+    """Every tracker asked for is known and installed: a clear error before any weight is loaded."""
+    for name in report_to:
+        if name not in TRACKERS:
+            fail(f"training.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} ([] = none)")
+        if not _has_module(TRACKERS[name]):
+            fail(f"training.report_to asks for {name}, but the {TRACKERS[name]} package is not installed: "
+                 f"pip install {TRACKERS[name]}, or drop it, e.g. --set training.report_to=[]")
+
+
+def check_extra(cfg):
+    """training.extra holds SFTConfig fields handed over as is: unknown names fail (with the closest fields), and
+    so do fields this config already has a key for (one name for one thing)."""
+    import dataclasses
+    import difflib
+    from trl import SFTConfig
+    fields = {f.name for f in dataclasses.fields(SFTConfig)}
+    # SFTConfig fields that other config keys feed (sft_args): set those keys, so one name means one thing.
+    own = {**{name: f"training.{name}" for name in cfg["training"]}, "max_length": "model.max_seq_length",
+           "packing": "sft.packing", "assistant_only_loss": "sft.assistant_only_loss",
+           "warmup_steps": "training.warmup_ratio", "output_dir": "output.dir and training.run_name",
+           "run_name": "training.run_name", "data_seed": "training.seed"}
+    for name in cfg["training"]["extra"]:
+        if name in own:
+            fail(f"training.extra.{name}: set {own[name]} instead")
+        if name not in fields:
+            close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
+            fail(f"training.extra.{name} is not an SFTConfig field" +
+                 (f"; did you mean {', '.join(close)}?" if close else " (see TRL's SFTConfig and TrainingArguments)"))
+
 
 def pick_backend(cfg):
     """("unsloth" | "transformers", why). Decided before transformers/trl/peft are imported."""
@@ -380,7 +429,7 @@ def load_for_training(cfg, backend, path, plan):
                                                      dtype=dtype, load_in_4bit=plan["load_in_4bit"])
         model = FastLanguageModel.get_peft_model(
             model, r=lora["r"], target_modules=lora["target_modules"], lora_alpha=lora["lora_alpha"],
-            lora_dropout=lora["lora_dropout"], bias=lora["bias"],
+            lora_dropout=lora["lora_dropout"], bias=lora["bias"], use_rslora=lora["use_rslora"],
             use_gradient_checkpointing=plan["gradient_checkpointing"], random_state=seed)
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
@@ -398,17 +447,17 @@ def load_for_training(cfg, backend, path, plan):
     torch.manual_seed(seed)  # LoRA A init
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"],
                                              lora_dropout=lora["lora_dropout"], target_modules=lora["target_modules"],
-                                             bias=lora["bias"], task_type="CAUSAL_LM"))
+                                             bias=lora["bias"], use_rslora=lora["use_rslora"],
+                                             task_type="CAUSAL_LM"))
     return model, tokenizer
 
 
 def sft_args(cfg, plan, output_dir, packing, has_eval=True, resuming=False):
-    """SFTConfig from the config's training section and the device plan."""
+    """SFTConfig from the config's training section and the device plan; training.extra goes in as is."""
     import torch
     from trl import SFTConfig
     t = cfg["training"]
     cuda = torch.cuda.is_available()
-    patience = t["early_stopping_patience"]
     return SFTConfig(
         output_dir=output_dir, per_device_train_batch_size=plan["batch"], gradient_accumulation_steps=plan["accum"],
         per_device_eval_batch_size=t["per_device_eval_batch_size"], learning_rate=t["learning_rate"],
@@ -422,8 +471,11 @@ def sft_args(cfg, plan, output_dir, packing, has_eval=True, resuming=False):
         eval_on_start=bool(has_eval and t["eval_on_start"] and not resuming),
         prediction_loss_only=True,  # eval keeps no logits: it cannot run out of memory where training fits
         save_strategy="steps", save_steps=t["save_steps"], save_total_limit=t["save_total_limit"],
-        metric_for_best_model="eval_loss" if patience else None, greater_is_better=False if patience else None,
-        report_to="none", ddp_find_unused_parameters=False if WORLD_SIZE > 1 else None,
+        # The Trainer tracks the best eval loss and keeps its checkpoint from save_total_limit's pruning.
+        metric_for_best_model="eval_loss" if has_eval else None, greater_is_better=False if has_eval else None,
+        # Trackers are attached as callbacks after ours (tracker_callbacks), so they see the metrics we add.
+        report_to="none", run_name=os.path.basename(os.path.dirname(output_dir)),
+        neftune_noise_alpha=t["neftune_noise_alpha"], ddp_find_unused_parameters=False if WORLD_SIZE > 1 else None,
         include_num_input_tokens_seen="all" if packing else "non_padding",  # packed rows hold no padding
         max_length=cfg["model"]["max_seq_length"],
         # The assistant-only mask is already in our labels (common.tokenize_conversation); TRL keeps a given
@@ -431,7 +483,7 @@ def sft_args(cfg, plan, output_dir, packing, has_eval=True, resuming=False):
         assistant_only_loss=False, packing=packing, packing_strategy="bfd",
         # Explicit False: Unsloth otherwise turns padding-free batching on by itself; packing implies it anyway.
         padding_free=False,
-        dataloader_pin_memory=cuda)
+        dataloader_pin_memory=cuda, **t["extra"])
 
 
 def trained_targets(batch):
@@ -512,9 +564,10 @@ def check_packing_isolation(model, tokenizer, args=None):
     if args is None:
         cuda = torch.cuda.is_available()
         bf16 = cuda and torch.cuda.is_bf16_supported()
-        args = SFTConfig(output_dir=os.path.join(tempfile.gettempdir(), "packing-check"), packing=True,
-                         max_length=1024, report_to="none", use_cpu=not cuda, bf16=bf16, fp16=cuda and not bf16,
-                         assistant_only_loss=False, padding_free=False)
+        with tempfile.TemporaryDirectory(prefix="packing-check-") as tmp:  # nothing is saved there
+            args = SFTConfig(output_dir=tmp, packing=True, max_length=1024, report_to="none", use_cpu=not cuda,
+                             bf16=bf16, fp16=cuda and not bf16, assistant_only_loss=False, padding_free=False)
+            return check_packing_isolation(model, tokenizer, args)
     if not args.packing:
         raise ValueError("check_packing_isolation needs an SFTConfig with packing=True")
     rows = [common.tokenize_conversation(tokenizer, chat) for chat in PROBE_CHATS]
@@ -662,7 +715,7 @@ def trim_metrics(path, step):
         f.writelines(kept)
 
 
-def fix_adapter_base(adapter_dir, cfg):
+def fix_adapter_base(adapter_dir, cfg, quiet=False):
     """adapter_config.json must name the 16-bit base (the merge target), never a pre-quantized 4-bit repo."""
     path = os.path.join(adapter_dir, "adapter_config.json")
     with open(path, encoding="utf-8") as f:
@@ -671,7 +724,8 @@ def fix_adapter_base(adapter_dir, cfg):
     local = common.path_in_repo(name)
     base = local if os.path.isdir(local) else re.sub(r"(-unsloth)?-bnb-4bit$", "", name)
     if data.get("base_model_name_or_path") != base:
-        say(f"adapter base: {data.get('base_model_name_or_path')} -> {base}")
+        if not quiet:
+            say(f"adapter base: {data.get('base_model_name_or_path')} -> {base}")
         data["base_model_name_or_path"] = base
         with open(path, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=2)
@@ -690,6 +744,29 @@ def save_adapter(trainer, tokenizer, cfg, adapter_dir):
     tokenizer.save_pretrained(adapter_dir)
 
 
+def save_adapters(trainer, tokenizer, cfg, run_dir):
+    """adapter/ = the weights of the lowest eval loss (its checkpoint), adapter_last/ = the final step's when
+    that is not the best; without evals adapter/ is the final step's. Returns what was written, for the summary."""
+    adapter, last = os.path.join(run_dir, "adapter"), os.path.join(run_dir, "adapter_last")
+    save_adapter(trainer, tokenizer, cfg, adapter)
+    step, best = trainer.state.global_step, best_eval(trainer.state.log_history)
+    out = {"best_step": best and best["step"], "best_eval_loss": best and best["eval_loss"], "adapter_step": step,
+           "adapter_last": None}
+    if not IS_MAIN:
+        return out
+    shutil.rmtree(last, ignore_errors=True)  # from an earlier session of this run
+    if best is None or best["step"] == step:
+        return out
+    ckpt = os.path.join(run_dir, "checkpoints", f"checkpoint-{best['step']}")
+    if complete_checkpoint(ckpt) is not None:
+        say(f"warning: the best eval loss was at step {best['step']}, but {ckpt} is gone: adapter/ holds step {step}")
+        return out
+    os.replace(adapter, last)
+    shutil.copytree(last, adapter)  # tokenizer, template and config as saved; the weights from the best step
+    shutil.copy2(os.path.join(ckpt, "adapter_model.safetensors"), os.path.join(adapter, "adapter_model.safetensors"))
+    return dict(out, adapter_step=best["step"], adapter_last=last)
+
+
 def plot_losses(metrics_path, png_path, title):
     import matplotlib
     matplotlib.use("Agg")
@@ -698,12 +775,26 @@ def plot_losses(metrics_path, png_path, title):
         rows = [json.loads(line) for line in f if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
+    generation = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("eval_usability", "eval_json_validity")}
+    if any(generation.values()):  # a second panel: training.generation_eval_every
+        fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 8), dpi=120, sharex=True, height_ratios=(3, 2))
+        for (key, points), label in zip(generation.items(), ("usability rate", "JSON validity (json-only rows)")):
+            if points:
+                ax2.plot(*zip(*points), "s-", lw=2, label=label)
+        ax2.set(xlabel="optimizer step", ylabel="share of answers (greedy)", ylim=(-0.05, 1.05))
+        ax2.grid(alpha=0.3)
+        ax2.legend()
+    else:
+        fig, ax = plt.subplots(figsize=(9, 5), dpi=120)
     if train:
         ax.plot(*zip(*train), color="tab:blue", lw=1.5, label="train loss")
     if evals:
         ax.plot(*zip(*evals), "o-", color="tab:orange", lw=2, label="eval loss (validation)")
-    ax.set(xlabel="optimizer step", ylabel="loss per trained token (assistant turns)", title=title)
+        best = best_eval(rows)
+        if best:
+            ax.axvline(best["step"], ls=":", color="gray", label=f"lowest eval loss: adapter/ (step {best['step']})")
+    ax.set(xlabel=None if any(generation.values()) else "optimizer step",
+           ylabel="loss per trained token (assistant turns)", title=title)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
@@ -713,8 +804,9 @@ def plot_losses(metrics_path, png_path, title):
 
 # ---------------------------------------------------------------- logging, Ctrl-C, early stop
 
-def run_callback(run):
-    """One TrainerCallback: metrics.jsonl, tokens/s, peak VRAM, perplexity, the overfitting warning, Ctrl-C."""
+def run_callback(run, cfg):
+    """One TrainerCallback: metrics.jsonl, tokens/s, peak VRAM, perplexity, generation metrics, the overfitting
+    warning, a checkpoint at every new best eval loss, Ctrl-C."""
     import torch
     from transformers import TrainerCallback
 
@@ -727,6 +819,7 @@ def run_callback(run):
         def on_train_begin(self, args, state, control, **kwargs):
             self.last = (time.time(), state.num_input_tokens_seen)  # after a resume: the checkpoint's count
             run["tokens_at_start"] = state.num_input_tokens_seen
+            self.best = best_eval(state.log_history)  # after a resume: the best before the checkpoint
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs if logs is not None else {}
@@ -741,6 +834,10 @@ def run_callback(run):
             if "eval_loss" in logs:
                 logs["eval_ppl"] = round(math.exp(min(logs["eval_loss"], 50)), 4)
                 self.check_overfitting(args, state, logs)
+                evals_before = sum("eval_loss" in r for r in state.log_history) - 1  # the Trainer logged this one
+                every = cfg["training"]["generation_eval_every"]
+                if every and evals_before % every == 0 and state.is_world_process_zero:
+                    logs.update(generation_metrics(kwargs["model"], kwargs["processing_class"], run["gen_rows"], cfg))
             record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
             if state.is_world_process_zero:
                 with open(run["metrics"], "a", encoding="utf-8") as f:
@@ -761,7 +858,20 @@ def run_callback(run):
                 say(f"\nwarning: eval loss rose {streak} evals in a row (now {logs['eval_loss']:.4f}) while train loss "
                     f"fell: overfitting. Consider fewer epochs, a lower learning rate or more data{hint}")
 
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            # A new best eval loss is saved at once, whatever save_steps says: adapter/ is built from it at the end.
+            loss = (metrics or {}).get("eval_loss")
+            if loss is not None and state.global_step > 0 and (self.best is None or loss < self.best["eval_loss"]):
+                self.best = {"step": state.global_step, "eval_loss": loss}
+                control.should_save = True
+            return control
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:  # every checkpoint is an adapter the other scripts can load
+                fix_adapter_base(os.path.join(args.output_dir, f"checkpoint-{state.global_step}"), cfg, quiet=True)
+
         def on_step_end(self, args, state, control, **kwargs):
+            stop_for_test(state.global_step, "step")
             stop = run["interrupted"]
             if WORLD_SIZE > 1:  # every rank must stop at the same step
                 flag = torch.tensor([int(stop)], device=args.device)
@@ -774,6 +884,104 @@ def run_callback(run):
             return control
 
     return RunCallback()
+
+
+def stop_for_test(step, where):
+    """For tests: stop at a known point instead of racing a timer. SFT_TEST_STOP_AT_STEP=N sends
+    SFT_TEST_STOP_SIGNAL (INT, the default, or KILL) to this process at the end of step N
+    (SFT_TEST_STOP_IN=step, the default) or in the middle of step N's checkpoint save (=save: weights and
+    optimizer written, trainer_state.json not yet)."""
+    if os.environ.get("SFT_TEST_STOP_AT_STEP") != str(step) or os.environ.get("SFT_TEST_STOP_IN", "step") != where:
+        return
+    os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("SFT_TEST_STOP_SIGNAL", "INT")))
+
+
+def add_save_test_hook(trainer):
+    """SFT_TEST_STOP_IN=save: stop_for_test between the optimizer and trainer_state.json of a checkpoint."""
+    if os.environ.get("SFT_TEST_STOP_IN") != "save":
+        return
+    save = trainer._save_optimizer_and_scheduler
+
+    def save_then_signal(output_dir):
+        save(output_dir)
+        stop_for_test(trainer.state.global_step, "save")
+    trainer._save_optimizer_and_scheduler = save_then_signal
+
+
+def best_eval(history):
+    """{"step", "eval_loss"} of the lowest eval loss after step 0 (the start eval has no checkpoint), or None."""
+    evals = [(r["eval_loss"], r["step"]) for r in history if "eval_loss" in r and r["step"] > 0]
+    return dict(zip(("eval_loss", "step"), min(evals))) if evals else None
+
+
+def generation_sample(cfg, rows):
+    """The first training.generation_eval_samples validation rows that end in an assistant turn, fixed for the
+    run: (prompt messages, tools, tags, reference) each."""
+    sample = []
+    for row in rows:
+        messages, tools = common.row_to_chat(row)
+        prompt, reference = common.split_for_generation(messages)
+        if prompt:
+            sample.append({"prompt": prompt, "tools": tools, "tags": list(row.get("tags") or []),
+                           "reference": reference})
+        if len(sample) == cfg["training"]["generation_eval_samples"]:
+            break
+    return sample
+
+
+def generation_metrics(model, tokenizer, rows, cfg):
+    """eval_usability and eval_json_validity (json-only rows) of greedy answers, scored by obj_test_model.py's
+    rules (common.score_answer). Batches of per_device_eval_batch_size, no grad (common.run_generate runs
+    under inference_mode): no more memory than eval itself."""
+    was_training = model.training
+    model.eval()
+    try:
+        answers = common.generate_local(model, tokenizer, [(r["prompt"], r["tools"]) for r in rows],
+                                        common.sampling_settings(cfg, greedy=True),
+                                        batch_size=cfg["training"]["per_device_eval_batch_size"])
+    finally:
+        model.train(was_training)
+    verdicts = [common.score_answer(a["text"], a["finish_reason"], r["tags"], r["reference"], cfg,
+                                    has_tools=bool(r["tools"])) for r, a in zip(rows, answers)]
+    out = {"eval_usability": round(sum(not reasons for reasons, _, _ in verdicts) / len(verdicts), 4)}
+    json_rows = [valid for _, valid, _ in verdicts if valid is not None]
+    if json_rows:
+        out["eval_json_validity"] = round(sum(json_rows) / len(json_rows), 4)
+    return out
+
+
+def tracker_callbacks(cfg, run_dir, resume_step):
+    """Callbacks for training.report_to, placed after ours so they see eval_ppl and the generation metrics.
+    TensorBoard writes outputs/<run>/tensorboard/ (on resume, events after the checkpoint are purged); W&B
+    logs offline into the run folder when its server cannot be reached."""
+    from transformers.integrations import TensorBoardCallback, WandbCallback
+    out = []
+    for name in cfg["training"]["report_to"]:
+        if name == "tensorboard":
+            from torch.utils.tensorboard import SummaryWriter
+            folder = os.path.join(run_dir, "tensorboard")
+            if not resume_step:
+                shutil.rmtree(folder, ignore_errors=True)  # a new run of the same name starts a new record
+            callback = TensorBoardCallback(tb_writer=SummaryWriter(folder, purge_step=resume_step + 1 if resume_step
+                                                                   else None))
+            callback.logging_dir = folder  # where it reopens after train() for the final eval
+            out.append(callback)
+        elif name == "wandb":
+            os.environ.setdefault("WANDB_DIR", run_dir)
+            if "WANDB_MODE" not in os.environ and not reachable("api.wandb.ai", 443):
+                os.environ["WANDB_MODE"] = "offline"
+                say(f"W&B: no connection to its server, logging offline under {run_dir}/wandb "
+                    f"(upload later with `wandb sync`)")
+            out.append(WandbCallback())
+    return out
+
+
+def reachable(host, port, timeout_s=3):
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
 
 
 def on_sigint(run):
@@ -814,8 +1022,8 @@ def decide_packing(model, tokenizer, cfg, plan):
     """(packing on?, why): on only when configured and the isolation check passes on this backend."""
     if not cfg["sft"]["packing"]:
         return False, "off (sft.packing=False)"
-    probe_args = sft_args(cfg, plan, os.path.join(tempfile.gettempdir(), "packing-check"), True, has_eval=False)
-    ok, message = check_packing_isolation(model, tokenizer, probe_args)
+    with tempfile.TemporaryDirectory(prefix="packing-check-") as tmp:  # nothing is saved there; never shared
+        ok, message = check_packing_isolation(model, tokenizer, sft_args(cfg, plan, tmp, True, has_eval=False))
     ok = bool(shared_value(ok))  # every rank follows rank 0
     return ok, ("on, " if ok else "off: ") + message
 
@@ -891,6 +1099,7 @@ def main():
     cfg = config.resolve(args, parser, quiet=not IS_MAIN)
     t = cfg["training"]
     random.seed(t["seed"])
+    validate(cfg)
 
     # ---- backend first: Unsloth must be imported before transformers / trl / peft
     allocator = use_expandable_segments(cfg)  # before anything touches CUDA
@@ -904,6 +1113,7 @@ def main():
         common.import_unsloth_first()
     import torch
     torch.manual_seed(t["seed"])
+    check_extra(cfg)
     model_path, mc = read_model_config(cfg)
     plan, mem, gpu_bytes = make_plan(cfg, backend, mc)
 
@@ -923,13 +1133,21 @@ def main():
     packing, packing_note = decide_packing(model, tokenizer, cfg, plan)
     say(f"Packing: {packing_note}")
     run = {"dir": run_dir, "metrics": os.path.join(run_dir, "metrics.jsonl"), "interrupted": False, "sigint_at": 0,
-           "overfit_steps": [], "overfit_patience": t["overfit_patience"], "tokens_at_start": 0}
-    callbacks = [run_callback(run)]
+           "overfit_steps": [], "overfit_patience": t["overfit_patience"], "tokens_at_start": 0,
+           "gen_rows": generation_sample(cfg, raw["validation"]) if t["generation_eval_every"] else []}
+    resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
+    callbacks = [run_callback(run, cfg)] + (tracker_callbacks(cfg, run_dir, resume_step) if IS_MAIN else [])
     if t["early_stopping_patience"]:
+        import logging
         from transformers import EarlyStoppingCallback
+        # Its "without load_best_model_at_end ... the best model will not be loaded" is not so here: save_adapters
+        # writes the best step's weights as adapter/.
+        logging.getLogger("transformers.trainer_callback").addFilter(
+            lambda record: "load_best_model_at_end" not in str(record.msg))
         callbacks.append(EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"]))
     args_ = sft_args(cfg, plan, os.path.join(run_dir, "checkpoints"), packing, resuming=resume_from is not None)
     trainer = build_trainer(model, tokenizer, args_, data["train"], data["validation"], callbacks)
+    add_save_test_hook(trainer)
     check_trainer_labels(trainer, counts)
     trainable, total = model.get_nb_trainable_parameters()
     say(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
@@ -951,7 +1169,7 @@ def main():
         trainer.evaluate()  # the summary's final eval loss is at the final step
     adapter_dir = os.path.join(run_dir, "adapter")
     if not run["interrupted"]:
-        save_adapter(trainer, tokenizer, cfg, adapter_dir)
+        extra["adapters"] = save_adapters(trainer, tokenizer, cfg, run_dir)
     if not IS_MAIN:
         return
 
@@ -963,9 +1181,16 @@ def main():
         f"{' (early stopping: no better eval loss)' if summary['stopped_early'] else ''}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']}, "
         f"eval loss {summary['final_eval_loss']} (ppl {summary['final_eval_ppl']})")
-    for label, path in [("adapter", None if run["interrupted"] else adapter_dir), ("checkpoint", ckpt),
+    adapters = extra.get("adapters")
+    if adapters and adapters["best_step"] is not None:
+        say(f"Best eval loss {adapters['best_eval_loss']:.4f} at step {adapters['best_step']}: adapter/ holds step "
+            f"{adapters['adapter_step']}" + (f"; adapter_last/ holds the final step {summary['global_step']}"
+                                              if adapters["adapter_last"] else " (the final step)"))
+    for label, path in [("adapter", None if run["interrupted"] else adapter_dir),
+                        ("adapter_last", adapters and adapters["adapter_last"]), ("checkpoint", ckpt),
                         ("config", "config.json"), ("metrics", "metrics.jsonl"), ("summary", "summary.json"),
-                        ("loss plot", "loss.png"), ("rejects", "rejects.jsonl" if rejects else None)]:
+                        ("loss plot", "loss.png"), ("rejects", "rejects.jsonl" if rejects else None),
+                        ("tensorboard", "tensorboard" if "tensorboard" in t["report_to"] else None)]:
         if path:
             say(f"  {label:<12} {os.path.join(run_dir, path)}")
     if run["interrupted"]:

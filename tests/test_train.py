@@ -1,13 +1,13 @@
 """train.py with real parts: the real tokenizer + Qwen3-2507 template, a tiny random Qwen3, the bundled SmolLM2,
 TRL's SFTTrainer, and the real CLI in subprocesses (a real SIGINT for the interrupted run)."""
 
+import importlib.util
 import json
 import os
 import random
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
@@ -103,7 +103,8 @@ def load_lora(cfg, model_dir):
 # ---------------------------------------------------------------- packing isolation
 
 @pytest.mark.parametrize("which", ["tiny_qwen3", "smollm2"])
-def test_packed_samples_get_the_loss_they_get_alone(which, tiny_qwen3_dir, demo_model_dir, qwen_tokenizer):
+def test_packed_samples_get_the_loss_they_get_alone(which, tiny_qwen3_dir, demo_model_dir, qwen_tokenizer,
+                                                    tmp_path):
     """Through TRL's packing, collator and compute_loss (SDPA, no flash-attn): each sample's summed loss inside a
     packed row equals its loss alone within 1e-4 relative (fp32), while a leaking row differs by far more."""
     from transformers import AutoModelForCausalLM
@@ -115,7 +116,7 @@ def test_packed_samples_get_the_loss_they_get_alone(which, tiny_qwen3_dir, demo_
     import datasets
     from trl import SFTConfig
     rows = [common.tokenize_conversation(qwen_tokenizer, chat) for chat in train.PROBE_CHATS]
-    args = SFTConfig(output_dir="/tmp/unused", packing=True, max_length=512, report_to="none", use_cpu=True,
+    args = SFTConfig(output_dir=str(tmp_path), packing=True, max_length=512, report_to="none", use_cpu=True,
                      bf16=False, assistant_only_loss=False, padding_free=False)
     trainer = train.build_trainer(model, qwen_tokenizer, args, datasets.Dataset.from_list(
         [{"input_ids": r["input_ids"], "labels": r["labels"]} for r in rows]))
@@ -157,11 +158,11 @@ def collated_samples(trainer):
 
 
 @pytest.mark.parametrize("packing", [True, False])
-def test_trainer_keeps_our_labels(packing, tiny_qwen3_dir, data_dir):
+def test_trainer_keeps_our_labels(packing, tiny_qwen3_dir, data_dir, tmp_path):
     cfg = tiny_cfg(tiny_qwen3_dir, data_dir)
     model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
     ds, counts, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
-    args = train.sft_args(cfg, plan, "/tmp/unused", packing, has_eval=False)
+    args = train.sft_args(cfg, plan, str(tmp_path), packing, has_eval=False)
     trainer = train.build_trainer(model, tokenizer, args, ds)
     assert train.trained_token_count(trainer.train_dataset) == counts["trained_tokens"] > 0
     got = collated_samples(trainer)
@@ -274,55 +275,127 @@ def read_metrics(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
-def test_cli_run_interrupt_and_resume(tiny_qwen3_dir, data_dir, tmp_path):
-    """A full run lowers the eval loss; a second run gets a real SIGINT after step 3, saves, exits 130;
-    --resume skips an incomplete newer checkpoint and ends at the same step with the same adapter weights."""
-    import torch
-    from safetensors.torch import load_file
-    out = str(tmp_path / "out")
-    full = cli(*tiny_args(tiny_qwen3_dir, data_dir, out, "full"))
-    assert full.returncode == 0, full.stderr[-3000:]
-    summary = json.load(open(os.path.join(out, "full", "summary.json")))
+def losses(path):
+    """[(step, train loss)] of a metrics.jsonl."""
+    return [(r["step"], r["loss"]) for r in read_metrics(path) if "loss" in r]
+
+
+def tensorboard_scalars(folder, tag):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    events = EventAccumulator(folder)
+    events.Reload()
+    return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_qwen3_dir, data_dir, tmp_path_factory):
+    """One uninterrupted 12-step run (eval at 0, 6, 12; checkpoints every 2 steps, the last 2 kept)."""
+    out = str(tmp_path_factory.mktemp("full"))
+    run = cli(*tiny_args(tiny_qwen3_dir, data_dir, out, "full"))
+    assert run.returncode == 0, run.stderr[-3000:]
+    return os.path.join(out, "full"), run.stdout
+
+
+def test_cli_run_record_tensorboard_and_pruning(full_run):
+    """The run record, TensorBoard's own reader finding every train and eval loss of metrics.jsonl, and
+    save_total_limit=2 leaving the last two checkpoints (the best, step 12, is the last)."""
+    run_dir, stdout = full_run
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
     assert summary["global_step"] == 12 and summary["final_eval_loss"] < summary["first_eval_loss"]
     for name in ("adapter/adapter_model.safetensors", "config.json", "metrics.jsonl", "loss.png"):
-        assert os.path.isfile(os.path.join(out, "full", name)), name
-    record = json.load(open(os.path.join(out, "full", "config.json")))
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    record = json.load(open(os.path.join(run_dir, "config.json")))
     assert record["data"]["train"]["md5"] and record["chat_template_md5"] and record["packages"]["trl"]
-    assert "adapter" in full.stdout and "loss.png" in full.stdout
+    assert "adapter" in stdout and "loss.png" in stdout and os.path.join(run_dir, "tensorboard") in stdout
 
-    log = open(tmp_path / "cut.log", "w+")  # a file, not a pipe: nobody reads a pipe while we poll
-    proc = subprocess.Popen([sys.executable, "train.py", *tiny_args(tiny_qwen3_dir, data_dir, out, "cut")],
-                            cwd=ROOT, env=ENV, stdout=log, stderr=subprocess.STDOUT, text=True)
-    metrics = os.path.join(out, "cut", "metrics.jsonl")
-    deadline = time.time() + 300
-    while time.time() < deadline and proc.poll() is None:
-        if os.path.exists(metrics) and any("loss" in r and r["step"] >= 3 for r in read_metrics(metrics)):
-            proc.send_signal(signal.SIGINT)
-            break
-        time.sleep(0.05)
-    proc.wait(timeout=300)
-    output = (tmp_path / "cut.log").read_text()
-    assert proc.returncode == 130, output[-3000:]
-    stopped = json.load(open(os.path.join(out, "cut", "summary.json")))["global_step"]
-    assert 3 <= stopped < 12 and f"checkpoint saved at step {stopped}" in output
-    assert not os.path.exists(os.path.join(out, "cut", "adapter"))
-    # A crash in the middle of the next save leaves a folder without trainer_state.json: never resumed from.
-    ckpts = os.path.join(out, "cut", "checkpoints")
-    good = os.path.join(ckpts, f"checkpoint-{stopped}")
-    assert train.complete_checkpoint(good) is None
-    os.makedirs(os.path.join(ckpts, "checkpoint-999"))
-    for name in ("adapter_model.safetensors", "optimizer.pt"):
-        os.link(os.path.join(good, name), os.path.join(ckpts, "checkpoint-999", name))
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    train_tb = tensorboard_scalars(os.path.join(run_dir, "tensorboard"), "train/loss")
+    eval_tb = tensorboard_scalars(os.path.join(run_dir, "tensorboard"), "eval/loss")
+    assert [s for s, _ in train_tb] == list(range(1, 13)) and [s for s, _ in eval_tb] == [0, 6, 12]
+    want_train = losses(os.path.join(run_dir, "metrics.jsonl"))
+    want_eval = [(r["step"], r["eval_loss"]) for r in metrics if "eval_loss" in r]
+    for got, want in ((train_tb, want_train), (eval_tb, want_eval)):  # TensorBoard keeps float32
+        assert all(a == b and abs(x - y) < 1e-5 for (a, x), (b, y) in zip(got, want)), (got, want)
 
-    resumed = cli(*tiny_args(tiny_qwen3_dir, data_dir, out, "cut"), "--resume")
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "skipping incomplete checkpoint-999" in resumed.stdout and f"checkpoint-{stopped}" in resumed.stdout
-    assert json.load(open(os.path.join(out, "cut", "summary.json")))["global_step"] == 12
-    steps = [r["step"] for r in read_metrics(metrics) if "loss" in r]
-    assert steps == list(range(1, 13))  # each step logged once across both processes
-    a = load_file(os.path.join(out, "full", "adapter", "adapter_model.safetensors"))
-    b = load_file(os.path.join(out, "cut", "adapter", "adapter_model.safetensors"))
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["README.md", "checkpoint-10", "checkpoint-12"]
+    assert summary["adapters"]["best_step"] == 12 and summary["adapters"]["adapter_last"] is None
+    assert not os.path.exists(os.path.join(run_dir, "adapter_last"))
+
+
+def test_cli_interrupt_kill_and_resume_log_the_same_losses(full_run, tiny_qwen3_dir, data_dir, tmp_path):
+    """The same run, stopped at known steps through the SFT_TEST_STOP_* hook: a real SIGINT at step 3 (saves
+    checkpoint-3, exits 130); resumed from that checkpoint PATH and SIGKILLed at the end of step 5 (last
+    checkpoint 4); resumed from the run folder and SIGKILLed in the middle of step 8's checkpoint save
+    (checkpoint-8 without trainer_state.json; checkpoint-6 untouched); resumed with a bare --resume, which skips
+    the broken checkpoint-8. The losses in metrics.jsonl equal the uninterrupted run's step for step (tolerance
+    1e-6: the same fp32 computations in the same order on the CPU) and so do the adapter weights."""
+    import torch
+    from safetensors.torch import load_file
+    full_dir, _ = full_run
+    out = str(tmp_path / "out")
+    args = tiny_args(tiny_qwen3_dir, data_dir, out, "cut")
+    run_dir = os.path.join(out, "cut")
+    ckpts = os.path.join(run_dir, "checkpoints")
+
+    def stopped_run(*extra, **hook):
+        env = {**ENV, **{f"SFT_TEST_STOP_{k.upper()}": str(v) for k, v in hook.items()}}
+        return subprocess.run([sys.executable, "train.py", *args, *extra], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=600)
+
+    first = stopped_run(at_step=3)
+    assert first.returncode == 130, first.stdout[-3000:] + first.stderr[-3000:]
+    assert "checkpoint saved at step 3" in first.stdout and not os.path.exists(os.path.join(run_dir, "adapter"))
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 3
+
+    second = stopped_run("--resume", os.path.join(ckpts, "checkpoint-3"), at_step=5, signal="KILL")
+    assert second.returncode == -signal.SIGKILL, second.stderr[-3000:]
+    assert "resuming from" in second.stdout and os.path.isdir(os.path.join(ckpts, "checkpoint-4"))
+
+    third = stopped_run("--resume", run_dir, at_step=8, signal="KILL", **{"in": "save"})
+    assert third.returncode == -signal.SIGKILL, third.stderr[-3000:]
+    assert "checkpoint-4)" in third.stdout  # resumed from the newest complete checkpoint
+    assert os.path.isfile(os.path.join(ckpts, "checkpoint-8", "optimizer.pt"))
+    assert train.complete_checkpoint(os.path.join(ckpts, "checkpoint-8")) == "no trainer_state.json"
+    assert train.complete_checkpoint(os.path.join(ckpts, "checkpoint-6")) is None
+
+    last = cli(*args, "--resume")
+    assert last.returncode == 0, last.stderr[-3000:]
+    assert "skipping incomplete checkpoint-8" in last.stdout and "checkpoint-6)" in last.stdout
+    assert json.load(open(os.path.join(run_dir, "summary.json")))["global_step"] == 12
+    want, got = losses(os.path.join(full_dir, "metrics.jsonl")), losses(os.path.join(run_dir, "metrics.jsonl"))
+    assert [s for s, _ in got] == list(range(1, 13))  # each step logged once across the four processes
+    assert all(a == b and abs(x - y) <= 1e-6 for (a, x), (b, y) in zip(got, want)), (got, want)
+    a = load_file(os.path.join(full_dir, "adapter", "adapter_model.safetensors"))
+    b = load_file(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    # TensorBoard too holds each step once: events after a resumed checkpoint are purged.
+    assert [s for s, _ in tensorboard_scalars(os.path.join(run_dir, "tensorboard"), "train/loss")] == list(range(1, 13))
+
+
+def test_every_checkpoint_is_an_adapter_the_other_scripts_take(full_run, data_dir, tiny_qwen3_dir, tmp_path):
+    """obj_test_model.py --adapter checkpoint-N (its report named <run>-checkpoint-N), subj_test_model.py
+    --adapter <run folder>, deploy.py merge --adapter checkpoint-N (merge_check.json names that checkpoint)."""
+    run_dir, _ = full_run
+    ckpt = os.path.join(run_dir, "checkpoints", "checkpoint-10")
+    sets = [f"model.name={tiny_qwen3_dir}", f"data.processed_dir={data_dir}", "model.max_seq_length=128",
+            f"output.reports_dir={tmp_path / 'reports'}", "eval.max_samples=2", "eval.max_new_tokens=4"]
+    flags = ["--profile", "demo", *[x for s in sets for x in ("--set", s)]]
+    ev = subprocess.run([sys.executable, "obj_test_model.py", *flags, "--adapter", ckpt, "--tuned-only",
+                         "--no-probes"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert ev.returncode == 0, ev.stderr[-3000:]
+    report = json.load(open(tmp_path / "reports" / "full-checkpoint-10" / "eval.json"))
+    assert report["adapter"] == ckpt and report["sides"]["tuned"]["ppl"] > 0
+
+    subj = subprocess.run([sys.executable, "subj_test_model.py", *flags, "--adapter", run_dir], input="4\n",
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert subj.returncode == 0, subj.stderr[-3000:]
+    assert f"+ adapter {os.path.join(run_dir, 'adapter')}" in subj.stdout
+
+    merge = subprocess.run([sys.executable, "deploy.py", "merge", *flags, "--adapter", ckpt, "--no-gguf"],
+                           cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
+    assert merge.returncode == 0, merge.stderr[-3000:]
+    check = json.load(open(os.path.join(run_dir, "merged", "merge_check.json")))
+    assert check["adapter"] == ckpt and check["passed"] and check["adapter_effect_max_abs"] > 0
 
 
 def test_cli_demo_smollm2_lowers_the_loss(demo_model_dir, data_dir, tmp_path):
@@ -337,6 +410,111 @@ def test_cli_demo_smollm2_lowers_the_loss(demo_model_dir, data_dir, tmp_path):
     assert summary["packing"].startswith("on, isolated")
     with open(os.path.join(out, "demo", "loss.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(path):
+    import struct
+    with open(path, "rb") as f:
+        head = f.read(24)
+    assert head[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", head[16:24])
+
+
+def test_cli_best_adapter_early_stopping_overfitting_and_generation_metrics(demo_model_dir, data_dir, tmp_path):
+    """SmolLM2 at a high learning rate (2e-3): eval loss at steps 0/2/4/6/8 goes 1.05, 0.35, 0.17, 0.29, 0.27
+    while train loss keeps falling (measured on this CPU, fp32, 1 thread). So: the overfitting warning at step 6
+    (overfit_patience=1); early stopping after two evals without a better one (patience 2) at step 8 of 10;
+    adapter/ = step 4's weights (checkpoint-4, saved because it was a new best although save_steps=5),
+    adapter_last/ = step 8's; save_total_limit=2 keeps the best and the newest checkpoint. Every 2nd eval
+    (0, 4, 8) also scores 4 greedy answers: usability in metrics.jsonl, TensorBoard and loss.png's second panel."""
+    import torch
+    from safetensors.torch import load_file
+    out = str(tmp_path / "out")
+    sets = [f"data.processed_dir={data_dir}", f"output.dir={out}", "training.run_name=best",
+            "model.max_seq_length=128", "training.per_device_train_batch_size=2", "training.learning_rate=2e-3",
+            "training.max_steps=10", "training.eval_steps=2", "training.save_steps=5", "training.save_total_limit=2",
+            "training.logging_steps=1", "training.early_stopping_patience=2", "training.overfit_patience=1",
+            "training.generation_eval_every=2", "training.generation_eval_samples=4", "eval.max_new_tokens=24"]
+    run = cli("--profile", "demo", *[x for s in sets for x in ("--set", s)])
+    assert run.returncode == 0, run.stderr[-3000:]
+    run_dir = os.path.join(out, "best")
+    summary = json.load(open(os.path.join(run_dir, "summary.json")))
+    metrics = read_metrics(os.path.join(run_dir, "metrics.jsonl"))
+    evals = {r["step"]: r for r in metrics if "eval_loss" in r}
+    assert sorted(evals) == [0, 2, 4, 6, 8]
+    assert min(evals, key=lambda s: evals[s]["eval_loss"]) == 4 and evals[6]["eval_loss"] > evals[4]["eval_loss"]
+
+    assert "overfitting" in run.stdout and summary["overfitting_warnings_at"] == [6] and evals[6]["overfitting"] == 1
+    assert summary["global_step"] == 8 and summary["stopped_early"] and "early stopping" in run.stdout
+
+    assert summary["adapters"] == {"best_step": 4, "best_eval_loss": evals[4]["eval_loss"], "adapter_step": 4,
+                                   "adapter_last": os.path.join(run_dir, "adapter_last")}
+    assert "at step 4: adapter/ holds step 4; adapter_last/ holds the final step 8" in run.stdout
+    assert sorted(os.listdir(os.path.join(run_dir, "checkpoints"))) == ["README.md", "checkpoint-4", "checkpoint-5"]
+    best = load_file(os.path.join(run_dir, "adapter", "adapter_model.safetensors"))
+    ckpt = load_file(os.path.join(run_dir, "checkpoints", "checkpoint-4", "adapter_model.safetensors"))
+    last = load_file(os.path.join(run_dir, "adapter_last", "adapter_model.safetensors"))
+    assert all(torch.equal(best[k], ckpt[k]) for k in best)
+    assert any(not torch.allclose(best[k], last[k]) for k in best)
+    for folder in ("adapter", "adapter_last"):  # both complete adapters with the tokenizer
+        assert os.path.isfile(os.path.join(run_dir, folder, "tokenizer_config.json"))
+
+    scored = sorted(s for s, r in evals.items() if "eval_usability" in r)
+    assert scored == [0, 4, 8] and all("eval_json_validity" not in r for r in evals.values())  # no json-only rows
+    assert evals[4]["eval_usability"] > evals[0]["eval_usability"]  # the tuned model ends its short answers
+    usability_tb = tensorboard_scalars(os.path.join(run_dir, "tensorboard"), "eval/usability")
+    assert [s for s, _ in usability_tb] == [0, 4, 8]
+    assert png_size(os.path.join(run_dir, "loss.png")) == (1080, 960)  # two panels (one panel: 1080 x 600)
+
+
+def test_generation_metrics_use_obj_test_models_rules(tiny_qwen3_dir):
+    """One implementation: obj_test_model's functions are common's. The random tiny model never ends an answer
+    within 6 tokens nor writes JSON: usability 0 of 2, JSON validity 0 of the 1 json-only row."""
+    import obj_test_model
+    assert obj_test_model.usability is common.usability and obj_test_model.json_validity is common.json_validity
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir), AutoTokenizer.from_pretrained(tiny_qwen3_dir)
+    cfg = tiny_cfg(tiny_qwen3_dir, "unused", **{"eval.max_new_tokens": 6, "training.generation_eval_samples": 2})
+    rows = [common.chat_to_row([{"role": "user", "content": "Give a and b as JSON."},
+                                {"role": "assistant", "content": '{"a": 1, "b": 2}'}], tags=["json-only"]),
+            common.chat_to_row([{"role": "user", "content": "Say hi."}, {"role": "assistant", "content": "Hi!"}]),
+            common.chat_to_row([{"role": "user", "content": "Not in the sample."},
+                                {"role": "assistant", "content": "No."}])]
+    sample = train.generation_sample(cfg, rows)
+    assert [r["prompt"][-1]["content"] for r in sample] == ["Give a and b as JSON.", "Say hi."]
+    model.train()
+    assert train.generation_metrics(model, tokenizer, sample, cfg) == {"eval_usability": 0.0, "eval_json_validity": 0.0}
+    assert model.training  # back in training mode
+
+
+def test_knobs_reach_peft_and_sft_config(tiny_qwen3_dir, data_dir, tmp_path):
+    """lora.use_rslora: scale alpha / sqrt(r) = 32 / 4 = 8 (not 32 / 16 = 2); training.neftune_noise_alpha and
+    training.extra go into SFTConfig as they are."""
+    cfg = tiny_cfg(tiny_qwen3_dir, data_dir, **{"lora.use_rslora": True, "training.neftune_noise_alpha": 5.0,
+                                                "training.extra": {"adam_beta2": 0.95, "lr_scheduler_kwargs": {}}})
+    model, _, plan = load_lora(cfg, tiny_qwen3_dir)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert q_proj.scaling["default"] == 8.0
+    args = train.sft_args(cfg, plan, str(tmp_path), packing=False)
+    assert args.neftune_noise_alpha == 5.0 and args.adam_beta2 == 0.95
+    assert args.metric_for_best_model == "eval_loss" and args.greater_is_better is False  # the best is tracked
+
+
+def test_padded_training_when_the_packing_check_fails(tiny_qwen3_dir, data_dir):
+    """A model whose packed samples see each other (position_ids dropped): decide_packing turns packing off, and
+    the trainer built from that decision pads rows (attention_mask, no packed position_ids)."""
+    cfg = tiny_cfg(tiny_qwen3_dir, data_dir)
+    model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
+    model.register_forward_pre_hook(lambda module, args, kwargs: (args, {k: v for k, v in kwargs.items()
+                                                                         if k != "position_ids"}), with_kwargs=True)
+    packing, note = train.decide_packing(model, tokenizer, cfg, plan)
+    assert packing is False and note.startswith("off: packed samples see each other"), note
+    ds, _, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    import tempfile
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = train.build_trainer(model, tokenizer, train.sft_args(cfg, plan, tmp, packing, has_eval=False), ds)
+        batch = next(iter(trainer.get_train_dataloader()))
+    assert "attention_mask" in batch and batch["input_ids"].shape[0] == plan["batch"]
 
 
 # ---------------------------------------------------------------- errors before any weight is loaded
@@ -354,7 +532,16 @@ def test_clear_errors(tiny_qwen3_dir, data_dir, tmp_path):
         (["--set", f"data.processed_dir={data_dir}", "--set", f"model.name={tiny_qwen3_dir}",
           "--set", "model.max_seq_length=8192"], "max_position_embeddings"),
         (["--set", f"data.processed_dir={data_dir}", "--resume"], "no complete checkpoint"),
+        (["--set", f"data.processed_dir={data_dir}", "--set", "training.report_to=['comet']"],
+         "unknown tracker 'comet'"),
+        (["--set", f"data.processed_dir={data_dir}", "--set", "training.extra.adam_beta3=0.9"],
+         "training.extra.adam_beta3 is not an SFTConfig field; did you mean adam_beta2, adam_beta1?"),
+        (["--set", f"data.processed_dir={data_dir}", "--set", "training.extra.learning_rate=0.1"],
+         "set training.learning_rate instead"),
     ]
+    if importlib.util.find_spec("wandb") is None:  # asked for and not installed: say so before loading anything
+        cases.append((["--set", f"data.processed_dir={data_dir}", "--set", "training.report_to=['wandb']"],
+                      "the wandb package is not installed"))
     procs = [subprocess.Popen([sys.executable, "train.py", *base, *args], cwd=ROOT, env=ENV, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for args, _ in cases]
     for proc, (args, expected) in zip(procs, cases):
