@@ -378,7 +378,8 @@ def test_every_checkpoint_is_an_adapter_the_other_scripts_take(full_run, data_di
     run_dir, _ = full_run
     ckpt = os.path.join(run_dir, "checkpoints", "checkpoint-10")
     sets = [f"model.name={tiny_qwen3_dir}", f"data.processed_dir={data_dir}", "model.max_seq_length=128",
-            f"output.reports_dir={tmp_path / 'reports'}", "eval.max_samples=2", "eval.max_new_tokens=4"]
+            f"output.dir={os.path.dirname(run_dir)}", f"output.reports_dir={tmp_path / 'reports'}",
+            "eval.max_samples=2", "eval.max_new_tokens=4"]
     flags = ["--profile", "demo", *[x for s in sets for x in ("--set", s)]]
     ev = subprocess.run([sys.executable, "obj_test_model.py", *flags, "--adapter", ckpt, "--tuned-only",
                          "--no-probes"], cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=600)
