@@ -1037,7 +1037,11 @@ def check_parity(cfg, client, engine, name, target, tokenizer):
         own = [greedy_ids(model, tokenizer, p, d["parity_max_tokens"]) for p in ids]
         own = [(t, score(model, p, t)["logprobs"]) for p, t in zip(ids, own)]
         rows[f"served_vs_{label}"] = [compare(t, lp, score(model, p, t)) for p, (t, lp) in zip(ids, served)]
-        same = sum(s[0] == o[0] for s, o in zip(served, own))
+        stops = set(common.stop_token_ids(model, tokenizer))  # an engine may leave the stop token out
+
+        def text_ids(tokens):
+            return tokens[:-1] if tokens and tokens[-1] in stops else tokens
+        same = sum(text_ids(s[0]) == text_ids(o[0]) for s, o in zip(served, own))
         del model
     if adapter:
         model = load_causal_lm(base, device, dtype, adapter=adapter)
