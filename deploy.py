@@ -961,6 +961,7 @@ def compare(tokens, logprobs, ref):
     tokens: top-1 agreement where the reference leads clearly, and |Δ log p| per token."""
     clear = [i for i, lead in enumerate(ref["lead"]) if lead > MERGE_TOP1_MARGIN]
     return {"tokens": len(tokens), "clear": len(clear), "agree": sum(ref["argmax"][i] == tokens[i] for i in clear),
+            "changed": sum(a != t for a, t in zip(ref["argmax"], tokens)),
             "deltas": None if logprobs is None else [abs(a - b) for a, b in zip(logprobs, ref["logprobs"])]}
 
 
@@ -972,8 +973,9 @@ def summarize(rows):
     def badness(i):
         r = rows[i]
         return (r["agree"] / r["clear"] if r["clear"] else 1.0, -max(r["deltas"] or [0]) if deltas is not None else 0)
-    return {"top1_agreement": agree / clear if clear else 1.0, "clear_positions": clear,
-            "tokens": sum(r["tokens"] for r in rows),
+    tokens = sum(r["tokens"] for r in rows)
+    return {"top1_agreement": agree / clear if clear else 1.0, "clear_positions": clear, "tokens": tokens,
+            "changed_share": sum(r["changed"] for r in rows) / tokens if tokens else 0.0,
             "mean_abs_dlogprob": sum(deltas) / len(deltas) if deltas else None,
             "max_abs_dlogprob": max(deltas) if deltas else None, "worst_prompt": min(range(len(rows)), key=badness),
             "per_prompt": [{k: r[k] for k in ("tokens", "clear", "agree")} for r in rows]}
@@ -1003,13 +1005,14 @@ def parity_failures(cfg, pairs, effect, prompts):
 def adapter_effect(cfg, pairs):
     """Served vs base must differ more than served vs adapter (by deploy.parity_min_adapter_effect): a no-op adapter,
     or a served model without the adapter, fails. In mean |Δlogprob| where the engine returns logprobs, else in the
-    share of clear positions whose greedy token the base would not pick."""
+    share of positions (all of them: an adapter moves the base where it was unsure) whose greedy token the scoring
+    model would not pick."""
     factor = cfg["deploy"]["parity_min_adapter_effect"]
     base, adapter = pairs["served_vs_base"], pairs["served_vs_adapter"]
     if base["mean_abs_dlogprob"] is not None:
         unit, effect, noise = "mean |Δlogprob|", base["mean_abs_dlogprob"], adapter["mean_abs_dlogprob"]
     else:
-        unit, effect, noise = "share of changed greedy tokens", 1 - base["top1_agreement"], 1 - adapter["top1_agreement"]
+        unit, effect, noise = "share of changed greedy tokens", base["changed_share"], adapter["changed_share"]
     passed = effect >= factor * noise and (effect > 0 or factor == 0)
     why = (f"served vs base {unit} {effect:.4f}, served vs adapter {noise:.4f}: the served model is not further from "
            f"the base than {factor}× its distance from base + adapter (an adapter that changes nothing, or a served "
