@@ -188,7 +188,9 @@ CONFIG = {
         # 16-bit rounding flips is no signal); |Δlogprob| needs the engine's logprobs (vLLM; not `transformers serve`).
         "parity_prompts": 8,  # validation prompts (data.processed_dir/val.jsonl, rows without tools); 0 = no gate
         "parity_max_tokens": 32,  # greedy tokens per prompt
-        "parity_min_top1": 0.95,  # share of clear positions where the pair picks the same token, at least
+        # A clear leader flipped is a real difference, not rounding: one flip in ~20 positions (a served base where the
+        # adapter answers in JSON, CPU demo) must fail, so 0.99 allows ~2 flips in the default 8 × 32 tokens.
+        "parity_min_top1": 0.99,  # share of clear positions where the pair picks the same token, at least
         "parity_max_mean_abs_logprob": 0.1,  # nats: mean |Δ log p| of the same tokens, at most
         "parity_min_adapter_effect": 3.0,  # served vs base must differ this × more than served vs adapter
         "parity_device": "auto",  # in-process side: "auto" (GPU in bf16 when it has room beside the server, else
