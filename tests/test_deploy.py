@@ -452,8 +452,7 @@ def stop_cli(proc, signum, server_pid, cfg, tmp_path):
     assert proc.wait(timeout=120) == 0, (tmp_path / "cli.log").read_text()[-3000:]
     assert "server stopped" in (tmp_path / "cli.log").read_text()
     assert not any(alive(pid) for pid in group) and deploy.group_pids(server_pid) == []
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", cfg["deploy"]["port"]))
+    deploy.check_port_free("127.0.0.1", cfg["deploy"]["port"])  # as a server binds: TIME_WAIT is free
 
 
 def test_served_folder_without_the_adapter_fails_the_gate_and_ctrl_c_stops_it(
