@@ -29,8 +29,8 @@ Same seed and inputs -> byte-identical outputs (no timestamps in files; every or
 Speed: Arrow/pyarrow column operations, md5 straight from Arrow buffers, one worker per source (data.num_proc,
 inputs over 32 MB); bench/bench_build.py builds 1M rows ~2-3x faster than a plain-Python loop (docs/BENCHMARKS.md).
 
-Formats (data.sources.<name>.format): cmath, mawps, emoji, alpaca, sharegpt, messages, columns (formats.py says
-what each reads; --help lists them). Every row keeps an id: its own "id" field, else "<source>:<line>" (JSON array:
+Formats (data.sources.<name>.format): cmath, mawps, emoji, alpaca, sharegpt, messages, columns (described in
+formats.py and at the end of --help). Every row keeps an id: its own "id" field, else "<source>:<line>" (JSON array:
 "<source>:<record index>"; a source with several files: "<source>:<file>:<line>").
 Row layout of every output (Arrow and JSONL): see common.py (row_to_chat, load_split).
 
@@ -370,6 +370,7 @@ def check_fields(records, fmt, src, name, label):
         if all(records[f].null_count == records.num_rows for f in options):
             raise BuildError(f"{label}: no row has {' or '.join(map(repr, options))}; is "
                              f"data.sources.{name}.format={fmt!r} the right format for it?")
+
 
 def normalize_source(name, src, plan, cfg, rejects):
     """Load every input of a source (plan: from plan_inputs), then normalize, clean, check and tag it
