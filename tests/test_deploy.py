@@ -183,6 +183,7 @@ def test_merge_works_offline_with_the_base_only_in_the_hub_cache(run_path, overr
     saved["config"]["model"]["name"] = repo_id
     (run / "config.json").write_text(json.dumps(saved))
     env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_CACHE=str(tmp_path / "empty-cache"))
+    overrides = overrides + [f"output.dir={tmp_path}"]  # --run must sit directly under output.dir
     missing = run_cli(["merge", "--run", str(run), "--no-gguf"], overrides, env=env)
     assert missing.returncode == 1 and "Traceback" not in missing.stderr, missing.stderr[-2000:]
     assert f"the merge base {repo_id} is neither a local folder nor in the hub cache" in missing.stderr
@@ -418,8 +419,9 @@ def test_vllm_command_flags(run_path, tmp_path):
     for flag in ("serve /models/merged", "--host 127.0.0.1", "--served-model-name qwen3-4b-sft",
                  "--enable-auto-tool-choice", "--tool-call-parser hermes", "--max-model-len 16384",
                  "--gpu-memory-utilization 0.82", "--max-num-seqs 4", "--max-num-batched-tokens 2048",
-                 "--enforce-eager", "--kv-cache-dtype fp8", "--tensor-parallel-size 2", "--api-key secret"):
+                 "--enforce-eager", "--kv-cache-dtype fp8", "--tensor-parallel-size 2"):
         assert flag in joined, flag
+    assert "secret" not in joined and "--api-key" not in joined  # the key goes through VLLM_API_KEY
     adapter = os.path.join(run_path, "adapter")
     lora = " ".join(deploy.vllm_command(cfg, "/models/base", adapter, deploy.vllm_settings(cfg, memory_gb=16)))
     assert f"--enable-lora --lora-modules qwen3-4b-sft={adapter}" in lora and "--max-lora-rank 16" in lora
