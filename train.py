@@ -539,7 +539,7 @@ def _loss_sum(trainer, model, batch):
     """Summed token loss of one collated batch through the trainer's own compute_loss (mean × tokens)."""
     import torch
     batch = trainer._prepare_inputs(dict(batch))
-    n = int((batch["labels"][:, 1:] != -100).sum())
+    n = int(trained_targets(batch))
     with torch.no_grad():
         loss = trainer.compute_loss(model, batch)
     return float(loss) * n
