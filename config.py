@@ -189,7 +189,18 @@ CONFIG = {
         "max_num_batched_tokens": 2048,
         "enforce_eager": True,
         "kv_cache_dtype": None,  # "fp8" halves KV memory
-        "scale_to_gpu": True,  # raise max_num_seqs / batched tokens / drop eager on cards over 16 GB
+        "quantization": None,  # None (the model's own 16-bit weights) | "fp8" (vLLM's dynamic FP8 weights, --quantization)
+        "async_scheduling": None,  # None (vLLM's default) | True | False: --async-scheduling / --no-async-scheduling
+        "compilation_config": None,  # None | dict for vLLM --compilation-config (CUDA graphs: cudagraph_mode,
+        #                              max_cudagraph_capture_size, cudagraph_capture_sizes ...)
+        "vllm_args": [],  # further vLLM serve flags, passed as given, e.g. ["--enable-prefix-caching"]
+        "scale_to_gpu": True,  # keys nobody set (no --set, no profile) take the tier below that fits the GPU memory
+        "tiers": {  # per tier: total GPU memory (GB, per GPU × tensor_parallel_size) at least, then deploy keys
+            "80gb": {"min_memory_gb": 60, "max_num_seqs": 256, "max_num_batched_tokens": 8192,  # H100/H200, 2×40 GB
+                     "enforce_eager": False, "gpu_memory_utilization": 0.90},
+            "24gb": {"min_memory_gb": 22, "max_num_seqs": 64, "max_num_batched_tokens": 4096,  # 24-48 GB cards
+                     "enforce_eager": False, "gpu_memory_utilization": 0.88},
+        },
         "tensor_parallel_size": 1,  # GPUs per vLLM server (--tensor-parallel-size); memory scaling counts all N
         "startup_timeout_s": 600,  # seconds to wait for /health (a 4B model loads in ~60-120 s)
         "temperature": 0.7,  # generation_config.json shipped with the merged model: Qwen3-2507's sampling
@@ -198,6 +209,18 @@ CONFIG = {
         "gguf_outtype": "bf16",  # llama.cpp convert_hf_to_gguf.py --outtype, when llama.cpp is present
         "gguf_quant": "Q4_K_M",  # then llama-quantize to this (None = keep the converted file)
         "test_max_tokens": 128,  # per request in `deploy.py test`
+        # Parity gate (`deploy.py test`): greedy continuations of the endpoint, the merged folder and base + adapter
+        # scored by each other. Top-1 counts positions where the scoring model leads by > 1.5 logits (a near-tie that
+        # 16-bit rounding flips is no signal); |Δlogprob| needs the engine's logprobs (vLLM; not `transformers serve`).
+        "parity_prompts": 8,  # validation prompts (data.processed_dir/val.jsonl, rows without tools); 0 = no gate
+        "parity_max_tokens": 32,  # greedy tokens per prompt
+        # A clear leader flipped is a real difference, not rounding: one flip in ~20 positions (a served base where the
+        # adapter answers in JSON, CPU demo) must fail, so 0.99 allows ~2 flips in the default 8 × 32 tokens.
+        "parity_min_top1": 0.99,  # share of clear positions where the pair picks the same token, at least
+        "parity_max_mean_abs_logprob": 0.1,  # nats: mean |Δ log p| of the same tokens, at most
+        "parity_min_adapter_effect": 3.0,  # served vs base must differ this × more than served vs adapter
+        "parity_device": "auto",  # in-process side: "auto" (GPU in bf16 when it has room beside the server, else
+        #                           CPU in fp32) | "cuda" | "cpu"
         "perf_concurrency": [1, 8, 32, 128],
         "perf_requests_per_level": 2,  # requests = level × this (at least perf_min_requests)
         "perf_min_requests": 8,
@@ -368,6 +391,8 @@ def build_config(profile=None, overrides=()):
     apply_overrides(cfg, overrides)
     if cfg["deploy"]["api_key"] is None:  # a key in the environment stays out of argv (`ps`) and shell history
         cfg["deploy"]["api_key"] = os.environ.get("VLLM_API_KEY") or None
+    # Keys the user chose (profile or --set): code that adapts defaults to the machine leaves these alone.
+    cfg["set_keys"] = sorted({*PROFILES.get(profile or "", {}), *(o.split("=", 1)[0].strip() for o in overrides)})
     return validate(cfg)
 
 
@@ -478,7 +503,7 @@ def resolve(args, parser=None, quiet=False):
 
 def print_config(cfg):
     print(f"Effective config (profile: {cfg.get('profile') or 'default'}):")
-    for key, value in flatten({k: v for k, v in masked(cfg).items() if k != "profile"}).items():
+    for key, value in flatten({k: v for k, v in masked(cfg).items() if k not in ("profile", "set_keys")}).items():
         print(f"  {key} = {value!r}")
 
 

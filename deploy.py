@@ -163,33 +163,33 @@ def gpu_memory_gb():
 def vllm_settings(cfg, memory_gb=None, tensor_parallel_size=None):
     """The deploy section's vLLM settings, scaled to the GPUs' memory.
 
-    The seed's flags fit a 16 GB card (Qwen3-4B bf16 = 8 GB of weights, ~5 GB KV cache at 0.82). On more
-    memory (per GPU × tensor-parallel size) the keys still at their CONFIG defaults are raised, so an 80 GB
-    card is not throttled to 4 sequences; keys a user changed are kept as given."""
+    The defaults fit a 16 GB card (Qwen3-4B bf16 = 8 GB of weights, ~5 GB KV cache at 0.82). With more memory
+    (per GPU × tensor-parallel size) the keys nobody set take the values of the largest deploy.tiers entry that
+    fits, so an 80 GB card is not throttled to 4 sequences; a key set by --set or the profile is kept as given."""
     d = dict(cfg["deploy"])
+    if d["quantization"] not in (None, "fp8"):
+        raise DeployError(f"deploy.quantization must be None or 'fp8', got {d['quantization']!r}")
     tp = int(tensor_parallel_size or d["tensor_parallel_size"])
     d["tensor_parallel_size"] = tp
     total = (memory_gb if memory_gb is not None else 0.0) * tp
-    defaults = config.CONFIG["deploy"]
-    tiers = [  # (total GB at least, settings): 24-48 GB cards, then 80 GB+ (H100/H200 or 2×40 GB)
-        (60, {"max_num_seqs": 256, "max_num_batched_tokens": 8192, "enforce_eager": False,
-              "gpu_memory_utilization": 0.90}),
-        (22, {"max_num_seqs": 64, "max_num_batched_tokens": 4096, "enforce_eager": False,
-              "gpu_memory_utilization": 0.88}),
-    ]
+    fitting = [t for t in d["tiers"].values() if total >= t["min_memory_gb"]]
     scaled = {}
-    if d["scale_to_gpu"]:
-        for threshold, settings in tiers:
-            if total >= threshold:
-                scaled = {k: v for k, v in settings.items() if d[k] == defaults[k]}
-                break
+    if d["scale_to_gpu"] and fitting:
+        tier = max(fitting, key=lambda t: t["min_memory_gb"])
+        user_set = set(cfg.get("set_keys", ()))
+        scaled = {k: v for k, v in tier.items() if k != "min_memory_gb" and f"deploy.{k}" not in user_set}
+        unknown = sorted(set(scaled) - set(config.CONFIG["deploy"]))
+        if unknown:
+            raise DeployError(f"deploy.tiers names keys that are not deploy keys: {', '.join(unknown)}")
     d.update(scaled)
     d["scaled_keys"] = sorted(scaled)
     d["memory_gb_total"] = round(total, 1)
     return d
 
 
-def vllm_command(cfg, model_dir, adapter_dir=None, settings=None):
+def vllm_command(cfg, model_dir, adapters=None, settings=None):
+    """The vLLM serve command. adapters ({served name: adapter folder}) serves model_dir as the base with each
+    adapter unmerged under its own name (LoRA mode)."""
     s = settings or vllm_settings(cfg)
     # The CLI's module, run by this interpreter: works where vLLM has no `vllm` script on PATH (pip --target).
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", model_dir, "--host", s["host"], "--port", str(s["port"]),
@@ -205,22 +205,47 @@ def vllm_command(cfg, model_dir, adapter_dir=None, settings=None):
         cmd.append("--enforce-eager")
     if s["kv_cache_dtype"]:
         cmd += ["--kv-cache-dtype", s["kv_cache_dtype"]]
-    if adapter_dir:
-        # Base + adapter unmerged: requests naming served_model_name get the adapter, the base keeps its path.
-        with open(os.path.join(adapter_dir, "adapter_config.json"), encoding="utf-8") as f:
-            rank = json.load(f)["r"]
-        # vLLM accepts only these ranks as --max-lora-rank: take the smallest that holds the adapter's.
-        max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= rank), rank)
-        cmd += ["--enable-lora", "--lora-modules", f"{s['served_model_name']}={adapter_dir}",
+    if s["quantization"]:
+        cmd += ["--quantization", s["quantization"]]
+    if s["async_scheduling"] is not None:
+        cmd.append("--async-scheduling" if s["async_scheduling"] else "--no-async-scheduling")
+    if s["compilation_config"]:
+        cmd += ["--compilation-config", json.dumps(s["compilation_config"])]
+    if adapters:
+        # Base + adapters unmerged: a request naming an adapter gets it; the base keeps its path as its name.
+        ranks = []
+        for path in adapters.values():
+            with open(os.path.join(path, "adapter_config.json"), encoding="utf-8") as f:
+                ranks.append(json.load(f)["r"])
+        # vLLM accepts only these ranks as --max-lora-rank: take the smallest that holds every adapter's.
+        max_rank = next((r for r in (8, 16, 32, 64, 128, 256, 320, 512) if r >= max(ranks)), max(ranks))
+        cmd += ["--enable-lora", "--lora-modules", *[f"{name}={path}" for name, path in adapters.items()],
+                "--max-loras", str(len(adapters)),  # all of them in one batch (vLLM's default is 1)
                 "--max-lora-rank", str(max_rank)]
-        template = os.path.join(adapter_dir, "chat_template.jinja")
-        if os.path.isfile(template):  # the base's own template may differ from the one training rendered with
+        template = lora_chat_template(adapters)
+        if template:  # the base's own template may differ from the one training rendered with
             cmd += ["--chat-template", template]
         # The merged folder ships generation_config.json with the deploy sampling; the base folder may not.
         cmd += ["--override-generation-config", json.dumps(served_sampling(s))]
     else:
         cmd += ["--served-model-name", s["served_model_name"]]
-    return cmd  # the API key goes through the environment (server_env), never argv: `ps` shows argv to all users
+    # The API key goes through the environment (server_env), never argv: `ps` shows argv to all users.
+    return cmd + list(s["vllm_args"])
+
+
+def lora_chat_template(adapters):
+    """The chat template the adapters were trained with (one server has one): the path of the first adapter's, when
+    every adapter ships the same; None when none ships one."""
+    texts = {}
+    for name, path in adapters.items():
+        template = os.path.join(path, "chat_template.jinja")
+        if os.path.isfile(template):
+            with open(template, encoding="utf-8") as f:
+                texts[name] = (template, f.read())
+    if len({text for _, text in texts.values()}) > 1 or (texts and len(texts) != len(adapters)):
+        raise DeployError(f"the adapters were trained with different chat templates ({', '.join(adapters)}); one vLLM "
+                          f"server applies one template: serve them from separate servers (--set deploy.port=N)")
+    return next(iter(texts.values()))[0] if texts else None
 
 
 def transformers_command(cfg, link_name):
@@ -232,6 +257,20 @@ def transformers_command(cfg, link_name):
             "--default-seed", str(cfg["training"]["seed"]), "--log-level", "info",
             # Without it concurrent requests run one after another: 64 x 32 tokens took 212 s, with it 14.6 s.
             "--continuous-batching"]
+
+
+def listed_cache(link_dir, name, model_dir):
+    """`transformers serve` answers /v1/models from the hub cache alone (HTTP 500 offline when there is none, and
+    never the local folder it serves): its own cache, one entry named `name` whose snapshot links to the served
+    config.json, makes it list the served name as vLLM does. Returns the cache folder."""
+    cache = os.path.join(link_dir, "hub-cache")
+    repo = os.path.join(cache, f"models--{name}")
+    os.makedirs(os.path.join(repo, "snapshots", "local"))
+    os.makedirs(os.path.join(repo, "refs"))
+    with open(os.path.join(repo, "refs", "main"), "w", encoding="utf-8") as f:
+        f.write("local")
+    os.symlink(os.path.join(model_dir, "config.json"), os.path.join(repo, "snapshots", "local", "config.json"))
+    return cache
 
 
 # ---------------------------------------------------------------- server lifecycle
@@ -268,18 +307,18 @@ def wait_healthy(proc, cfg, log_path, timeout_s):
         time.sleep(1)
 
 
-def start_server(cfg, model_dir, log_path, adapter_dir=None):
+def start_server(cfg, model_dir, log_path, adapters=None):
     """Start the configured engine on deploy.host:port in its own process group and wait for /health.
 
-    With adapter_dir, model_dir is the base and the adapter is served unmerged (vLLM LoRA mode only).
-    Returns the Popen, carrying .engine, .url (…/v1), .model (what clients send as `model`) and .log_path.
-    Raises DeployError (with the log's last lines when the server itself failed)."""
+    With adapters ({served name: adapter folder}), model_dir is the base and each adapter is served unmerged under
+    its name (vLLM LoRA mode only). Returns the Popen, carrying .engine, .url (…/v1), .names (what clients send as
+    `model`) and .log_path. Raises DeployError (with the log's last lines when the server itself failed)."""
     engine = resolve_engine(cfg)
     check_host(cfg, engine)
     name = check_served_name(cfg["deploy"]["served_model_name"])
     model_dir = os.path.abspath(check_model_dir(model_dir))
-    adapter_dir = os.path.abspath(check_adapter_dir(adapter_dir)) if adapter_dir else None
-    if adapter_dir and engine != "vllm":
+    adapters = {check_served_name(n): os.path.abspath(check_adapter_dir(p)) for n, p in (adapters or {}).items()}
+    if adapters and engine != "vllm":
         raise DeployError("serving an unmerged adapter (LoRA mode) needs vLLM (--enable-lora); on the transformers "
                           "engine run `python deploy.py merge` and serve the merged folder instead")
     check_port_free(cfg["deploy"]["host"], cfg["deploy"]["port"])
@@ -289,13 +328,14 @@ def start_server(cfg, model_dir, log_path, adapter_dir=None):
     if engine == "vllm":
         settings = vllm_settings(cfg, gpu_memory_gb())
         print_vllm_settings(settings)
-        cmd = vllm_command(cfg, model_dir, adapter_dir, settings)
+        cmd = vllm_command(cfg, model_dir, adapters, settings)
     else:
         # `transformers serve FOLDER` answers only requests whose `model` equals FOLDER as typed: a link
         # named served_model_name, in a folder used as the server's cwd, gives clients the same name as vLLM.
         link_dir = tempfile.mkdtemp(prefix="deploy-serve-")
         os.makedirs(os.path.dirname(os.path.join(link_dir, name)), exist_ok=True)
         os.symlink(model_dir, os.path.join(link_dir, name))
+        env["HF_HUB_CACHE"] = listed_cache(link_dir, name, model_dir)
         cmd, cwd = transformers_command(cfg, name), link_dir
         if cfg["deploy"]["api_key"]:
             print("note: the transformers engine does not check API keys; deploy.api_key is only sent by clients")
@@ -303,7 +343,7 @@ def start_server(cfg, model_dir, log_path, adapter_dir=None):
     with open(log_path, "w", encoding="utf-8") as log:
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=cwd,
                                 env=env, start_new_session=True)
-    proc.engine, proc.url, proc.model = engine, endpoint_url(cfg), name
+    proc.engine, proc.url, proc.names = engine, endpoint_url(cfg), list(adapters) or [name]
     proc.log_path, proc.link_dir = log_path, link_dir
     try:
         wait_healthy(proc, cfg, log_path, cfg["deploy"]["startup_timeout_s"])
@@ -564,6 +604,19 @@ def export_gguf(cfg, out_dir):
     return gguf
 
 
+def add_tool_call_parser(tokenizer):
+    """`transformers serve` parses tool calls only for model types it knows (Qwen's among them): a ChatML model of
+    another type (the demo SmolLM2, a llama) trained under the Qwen3 template gets Qwen's parser through the saved
+    tokenizer's response_template, else its <tool_call> text reaches clients as plain content. vLLM ignores it."""
+    if getattr(tokenizer, "response_template", None) is not None or "<tool_call>" not in (tokenizer.chat_template or ""):
+        return
+    try:  # transformers 5.17's table; a transformers without `serve` (GPU stack) has no use for it
+        from transformers.cli.serving.utils import _RESPONSE_TEMPLATE_FALLBACKS
+    except ImportError:
+        return
+    tokenizer.response_template = next(v for types, v in _RESPONSE_TEMPLATE_FALLBACKS.items() if "qwen3" in types)
+
+
 def merge(cfg, run_path, train_cfg, gguf=True, adapter_dir=None):
     """outputs/<run>/merged/: merged weights, tokenizer + chat template, generation_config.json, merge_check.json
     (which names the adapter: outputs/<run>/adapter, or the --adapter given, e.g. a checkpoint)."""
@@ -572,6 +625,7 @@ def merge(cfg, run_path, train_cfg, gguf=True, adapter_dir=None):
     use_unsloth = common.import_unsloth_first()  # True on a GPU with Unsloth; before transformers is imported
     base_dir = base_model_path(train_cfg["model"]["name"])
     tokenizer = common.load_tokenizer(train_cfg, adapter_dir)  # the tokenizer and template training used
+    add_tool_call_parser(tokenizer)
     tmp = out_dir + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -656,21 +710,12 @@ def print_stats(name, stats, extra=""):
           f"{stats['completion_tokens']} tok  {stats['tokens_per_s']} tok/s  {extra}", flush=True)
 
 
-def check_models(cfg, engine, name):
-    from openai import InternalServerError
-    try:
-        # Its own client: uvicorn closes the connection after a 500, which a shared pool would reuse.
-        with openai_client(cfg) as client:
-            ids = [m.id for m in client.models.list().data]
-    except InternalServerError as err:
-        if engine != "transformers":
-            raise
-        # `transformers serve` lists models by scanning the hub cache, which fails offline (HTTP 500).
-        print(f"  models     note: the transformers engine could not list models ({err.status_code}); "
-              f"it serves only {name!r}")
-        return {"listed": None, "note": "transformers serve lists only hub-cache models; 500 offline"}
+def check_models(cfg, name):
+    # Its own client: uvicorn closes the connection after an error, which a shared pool would reuse.
+    with openai_client(cfg) as client:
+        ids = [m.id for m in client.models.list().data]
     print(f"  models     {ids}")
-    if engine == "vllm" and name not in ids:
+    if name not in ids:
         raise DeployError(f"the server does not list the served model {name!r} (it lists {ids})")
     return {"listed": ids}
 
@@ -799,10 +844,9 @@ def served_prompt_ids(cfg, engine, name, messages, tools, served_dir):
                                          return_dict=True)["input_ids"]
 
 
-def check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir, served_dir):
+def check_template_parity(cfg, client, engine, name, tokenizer, served_dir):
     """Server-side prompt ids == the training renderer's ids (minus the answer), for each conversation.
     On the transformers engine the server's own prompt_tokens count is checked against them too."""
-    tokenizer = common.load_tokenizer(train_cfg, adapter_dir)
     results = []
     for messages, tools in PARITY_CONVERSATIONS:
         want = training_prompt_ids(tokenizer, messages, tools)
@@ -831,15 +875,253 @@ def check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir, ser
     return {"method": method, "conversations": results}
 
 
-def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None, server_log=None):
-    """Every check against the running server, all of them even after a failure (written to out_path);
-    raises DeployError naming the failed ones, else returns the results."""
+# ---------------------------------------------------------------- parity gate: the served model is the trained one
+
+PARITY_PROMPTS = [  # used when the run has fewer validation rows than deploy.parity_prompts (no build, --model alone)
+    *MERGE_CHECK_PROMPTS,
+    [{"role": "user", "content": "Write one sentence about the sea."}],
+    [{"role": "user", "content": "List three fruits, separated by commas."}],
+    [{"role": "user", "content": "小明有 5 个苹果，吃了 2 个，还剩几个？"}],
+    [{"role": "user", "content": "Explain briefly what a Python list is."}],
+    [{"role": "system", "content": "Reply with a JSON object only."},
+     {"role": "user", "content": 'Give {"city": <string>} for Rome.'}],
+]
+
+
+def parity_prompts(cfg, train_cfg):
+    """deploy.parity_prompts conversations, each cut before its last answer: the run's validation rows without tools
+    (tool calls are covered by template parity and the tool round trip), topped up with PARITY_PROMPTS.
+    Returns (prompts, where they came from)."""
+    k = cfg["deploy"]["parity_prompts"]
+    path = common.path_in_repo(os.path.join(train_cfg["data"]["processed_dir"], "val.jsonl"))
+    prompts = []
+    if os.path.isfile(path):
+        for _, row in common.read_jsonl(path):
+            messages, tools = common.row_to_chat(row)
+            last = max((i for i, m in enumerate(messages) if m["role"] == "assistant"), default=0)
+            plain = not tools and not any(m.get("tool_calls") or m["role"] == "tool" for m in messages)
+            if last and plain and len(prompts) < k:
+                prompts.append(messages[:last])
+    extra = PARITY_PROMPTS[:k - len(prompts)]
+    source = f"{len(prompts)} validation rows from {path}" if prompts else f"no validation rows ({path} not found)"
+    return prompts + extra, source + (f" + {len(extra)} built-in prompts" if extra else "")
+
+
+def parity_device(cfg, folders):
+    """(device, dtype) of the in-process models, loaded one at a time: the GPU in 16-bit when it has 1.5× the largest
+    folder's weights free beside the server (deploy.parity_device auto), else the CPU in fp32."""
+    import glob
+    import torch
+    choice = cfg["deploy"]["parity_device"]
+    if choice not in ("auto", "cuda", "cpu"):
+        raise DeployError(f"deploy.parity_device must be 'auto', 'cuda' or 'cpu', got {choice!r}")
+    if choice == "cuda" and not common.has_cuda():
+        raise DeployError("deploy.parity_device is 'cuda' but no CUDA GPU is visible")
+    if choice == "cpu" or not common.has_cuda():
+        return "cpu", torch.float32
+    weights = max(sum(os.path.getsize(p) for p in glob.glob(os.path.join(f, "*.safetensors"))) for f in folders)
+    free = torch.cuda.mem_get_info()[0]
+    if choice == "auto" and free < 1.5 * weights:
+        print(f"  parity     note: {free / 1024 ** 3:.1f} GiB free on the GPU beside the server, "
+              f"{weights / 1024 ** 3:.1f} GiB of weights: the reference runs on the CPU in fp32", flush=True)
+        return "cpu", torch.float32
+    return "cuda", torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
+def load_causal_lm(folder, device, dtype, adapter=None):
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    if adapter:
+        from peft import PeftModel
+        model = PeftModel.from_pretrained(model, adapter).eval()
+    return model
+
+
+def score(model, prompt, tokens):
+    """One forward pass over prompt + tokens: for each continuation token its log-probability, the model's own
+    choice at that position and the choice's lead over the runner-up (logits)."""
+    import torch
+    if not tokens:
+        return {"logprobs": [], "argmax": [], "lead": []}
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + tokens], device=device)).logits[0, len(prompt) - 1:-1]
+    logp = logits.float().log_softmax(-1)
+    top2 = logp.topk(2, dim=-1)
+    picked = logp.gather(-1, torch.tensor(tokens, device=device)[:, None])[:, 0]
+    return {"logprobs": picked.tolist(), "argmax": top2.indices[:, 0].tolist(),
+            "lead": (top2.values[:, 0] - top2.values[:, 1]).tolist()}
+
+
+def greedy_ids(model, tokenizer, prompt, max_tokens):
+    """The model's greedy continuation of prompt ids, through its stop token."""
+    import torch
+    gen = common.generation_config(model, tokenizer, {"max_new_tokens": max_tokens, "temperature": 0.0,
+                                                      "repetition_penalty": 1.0, "top_p": 1.0, "top_k": 0})
+    ids = torch.tensor([prompt], device=next(model.parameters()).device)
+    out = common.run_generate(model, tokenizer, {"input_ids": ids, "attention_mask": torch.ones_like(ids),
+                                                 "generation_config": gen})[0, len(prompt):].tolist()
+    end = next((i for i, t in enumerate(out) if t in set(gen.eos_token_id)), None)
+    return out if end is None else out[:end + 1]
+
+
+def served_greedy(client, engine, name, messages, max_tokens, tokenizer):
+    """The endpoint's greedy continuation (the server applies its own chat template) as (token ids, log-probabilities
+    or None). vLLM returns both (logprobs with return_tokens_as_token_ids); `transformers serve` 5.17 ignores
+    `logprobs`, so there the text is tokenized again and only the tokens are compared."""
+    if engine == "vllm":
+        r = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, temperature=0,
+                                           logprobs=True, extra_body={"return_tokens_as_token_ids": True,
+                                                                      "repetition_penalty": 1.0})
+        content = r.choices[0].logprobs.content or []
+        return [int(t.token.removeprefix("token_id:")) for t in content], [t.logprob for t in content]
+    r = client.chat.completions.create(model=name, messages=messages, max_tokens=max_tokens, temperature=0)
+    ids = tokenizer(r.choices[0].message.content or "", add_special_tokens=False)["input_ids"]
+    if r.choices[0].finish_reason == "stop":  # the text leaves out the stop token that ended it
+        im_end = tokenizer.convert_tokens_to_ids(common.IM_END)
+        ids.append(im_end if im_end not in (None, tokenizer.unk_token_id) else tokenizer.eos_token_id)
+    return ids, None
+
+
+def compare(tokens, logprobs, ref):
+    """A candidate's greedy tokens (and its log-probabilities of them) against a reference's scores of the same
+    tokens: top-1 agreement where the reference leads clearly, and |Δ log p| per token."""
+    clear = [i for i, lead in enumerate(ref["lead"]) if lead > MERGE_TOP1_MARGIN]
+    return {"tokens": len(tokens), "clear": len(clear), "agree": sum(ref["argmax"][i] == tokens[i] for i in clear),
+            "changed": sum(a != t for a, t in zip(ref["argmax"], tokens)),
+            "deltas": None if logprobs is None else [abs(a - b) for a, b in zip(logprobs, ref["logprobs"])]}
+
+
+def summarize(rows):
+    """One pair over every prompt, plus its worst prompt (fewest agreeing clear positions, then largest |Δ|)."""
+    clear, agree = sum(r["clear"] for r in rows), sum(r["agree"] for r in rows)
+    deltas = None if any(r["deltas"] is None for r in rows) else [d for r in rows for d in r["deltas"]]
+
+    def badness(i):
+        r = rows[i]
+        return (r["agree"] / r["clear"] if r["clear"] else 1.0, -max(r["deltas"] or [0]) if deltas is not None else 0)
+    tokens = sum(r["tokens"] for r in rows)
+    return {"top1_agreement": agree / clear if clear else 1.0, "clear_positions": clear, "tokens": tokens,
+            "changed_share": sum(r["changed"] for r in rows) / tokens if tokens else 0.0,
+            "mean_abs_dlogprob": sum(deltas) / len(deltas) if deltas else None,
+            "max_abs_dlogprob": max(deltas) if deltas else None, "worst_prompt": min(range(len(rows)), key=badness),
+            "per_prompt": [{k: r[k] for k in ("tokens", "clear", "agree")} for r in rows]}
+
+
+def parity_failures(cfg, pairs, effect, prompts):
+    """Messages naming each failed pair and its worst prompt."""
+    d, failed = cfg["deploy"], []
+    for pair, s in pairs.items():
+        if pair.endswith("_vs_base"):
+            continue
+        why = []
+        if s["top1_agreement"] < d["parity_min_top1"]:
+            why.append(f"top-1 agreement {s['top1_agreement']:.3f} < {d['parity_min_top1']}")
+        if s["mean_abs_dlogprob"] is not None and s["mean_abs_dlogprob"] > d["parity_max_mean_abs_logprob"]:
+            why.append(f"mean |Δlogprob| {s['mean_abs_dlogprob']:.4f} > {d['parity_max_mean_abs_logprob']}")
+        if why:
+            w = s["worst_prompt"]
+            failed.append(f"{pair}: {', '.join(why)}; worst prompt {w} "
+                          f"{prompts[w][-1]['content'][:80]!r} ({s['per_prompt'][w]['agree']}/"
+                          f"{s['per_prompt'][w]['clear']} clear positions agree)")
+    if effect and not effect["passed"]:
+        failed.append(f"adapter effect: {effect['why']}")
+    return failed
+
+
+def adapter_effect(cfg, pairs):
+    """Served vs base must differ more than served vs adapter (by deploy.parity_min_adapter_effect): a no-op adapter,
+    or a served model without the adapter, fails. In mean |Δlogprob| where the engine returns logprobs, else in the
+    share of positions (all of them: an adapter moves the base where it was unsure) whose greedy token the scoring
+    model would not pick."""
+    factor = cfg["deploy"]["parity_min_adapter_effect"]
+    base, adapter = pairs["served_vs_base"], pairs["served_vs_adapter"]
+    if base["mean_abs_dlogprob"] is not None:
+        unit, effect, noise = "mean |Δlogprob|", base["mean_abs_dlogprob"], adapter["mean_abs_dlogprob"]
+    else:
+        unit, effect, noise = "share of changed greedy tokens", base["changed_share"], adapter["changed_share"]
+    passed = effect >= factor * noise and (effect > 0 or factor == 0)
+    why = (f"served vs base {unit} {effect:.4f}, served vs adapter {noise:.4f}: the served model is not further from "
+           f"the base than {factor}× its distance from base + adapter (an adapter that changes nothing, or a served "
+           f"model without the adapter; for a deliberately subtle adapter raise deploy.parity_prompts or lower "
+           f"deploy.parity_min_adapter_effect)")
+    return {"unit": unit, "served_vs_base": effect, "served_vs_adapter": noise, "min_factor": factor,
+            "passed": passed, **({} if passed else {"why": why})}
+
+
+def check_parity(cfg, client, engine, name, target, tokenizer):
+    """The gate: greedy continuations of the endpoint and of the full-weights folder (merged, or --model alone),
+    each scored by the references in process (base + adapter with PEFT, the folder, the base alone)."""
+    d = cfg["deploy"]
+    prompts, source = parity_prompts(cfg, target["train_cfg"])
+    ids = [common.prompt_ids(tokenizer, p) for p in prompts]
+    served = [served_greedy(client, engine, name, p, d["parity_max_tokens"], tokenizer) for p in prompts]
+    adapter = target["adapter"]
+    folder = target["merged"] if os.path.isdir(target["merged"]) else None  # LoRA mode before any merge: none
+    label = "merged" if target["run"] else "model"
+    base = base_model_path(target["train_cfg"]["model"]["name"]) if adapter else None
+    device, dtype = parity_device(cfg, [f for f in (folder, base) if f])
+    rows, same = {}, None
+    if folder:  # one model in memory at a time: a 4B reference in bf16 fits beside vLLM on an 80 GB card
+        model = load_causal_lm(folder, device, dtype)
+        own = [greedy_ids(model, tokenizer, p, d["parity_max_tokens"]) for p in ids]
+        own = [(t, score(model, p, t)["logprobs"]) for p, t in zip(ids, own)]
+        rows[f"served_vs_{label}"] = [compare(t, lp, score(model, p, t)) for p, (t, lp) in zip(ids, served)]
+        stops = set(common.stop_token_ids(model, tokenizer))  # an engine may leave the stop token out
+
+        def text_ids(tokens):
+            return tokens[:-1] if tokens and tokens[-1] in stops else tokens
+        same = sum(text_ids(s[0]) == text_ids(o[0]) for s, o in zip(served, own))
+        del model
+    if adapter:
+        model = load_causal_lm(base, device, dtype, adapter=adapter)
+        rows["served_vs_adapter"] = [compare(t, lp, score(model, p, t)) for p, (t, lp) in zip(ids, served)]
+        if folder:
+            rows[f"{label}_vs_adapter"] = [compare(t, lp, score(model, p, t)) for p, (t, lp) in zip(ids, own)]
+        with model.disable_adapter():
+            rows["served_vs_base"] = [compare(t, lp, score(model, p, t)) for p, (t, lp) in zip(ids, served)]
+        del model
+    pairs = {pair: summarize(r) for pair, r in rows.items()}
+    effect = adapter_effect(cfg, pairs) if adapter else None
+    result = {"prompts": len(prompts), "source": source, "max_tokens": d["parity_max_tokens"],
+              "reference": f"{device}, {str(dtype).replace('torch.', '')}",
+              "logprobs": ("returned by the engine" if served[0][1] is not None else
+                           f"not returned by the {engine} engine: top-1 agreement only"),
+              "greedy_identical": None if same is None else f"{same}/{len(prompts)} served vs {label}",
+              "pairs": pairs, "adapter_effect": effect,
+              "served_text": [tokenizer.decode(t) for t, _ in served]}
+    if not adapter:
+        result["skipped"] = "no adapter (--model alone): compared with the folder itself; adapter pairs skipped"
+    line = "; ".join(f"{p} top-1 {s['top1_agreement']:.3f}" + (f" |Δlogp| {s['mean_abs_dlogprob']:.4f}"
+                                                                if s["mean_abs_dlogprob"] is not None else "")
+                     for p, s in pairs.items())
+    print(f"  parity     {len(prompts)} prompts ({source}); {line}" + (
+        f"; adapter effect {effect['served_vs_base']:.4f} vs {effect['served_vs_adapter']:.4f}" if effect else "")
+        + ("" if served[0][1] is not None else f" (the {engine} engine returns no logprobs: top-1 only)")
+        + (f"; {result['skipped']}" if not adapter else ""), flush=True)
+    failed = parity_failures(cfg, pairs, effect, prompts)
+    if failed:
+        raise ParityError("parity FAILED: " + " | ".join(failed), result)
+    return result
+
+
+class ParityError(DeployError):
+    """The gate failed; carries its numbers, so deploy_test.json keeps them beside the error."""
+
+    def __init__(self, message, result):
+        super().__init__(message)
+        self.result = result
+
+
+def check_endpoint(cfg, target, out_path=None, server_log=None):
+    """Every check against the running server for one served name (see deploy_targets), all of them even after a
+    failure (written to out_path); raises DeployError naming the failed ones, else returns the results."""
     from openai import APIError
-    engine, name = detect_engine(cfg), cfg["deploy"]["served_model_name"]
+    engine, name = detect_engine(cfg), target["name"]
     client, max_tokens = openai_client(cfg), cfg["deploy"]["test_max_tokens"]
     print(f"testing {endpoint_url(cfg)} (engine: {engine}, model: {name})", flush=True)
     results = {"endpoint": endpoint_url(cfg), "engine": engine, "model": name}
-    results["models"] = check_models(cfg, engine, name)
+    results["models"] = check_models(cfg, name)
     r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=[
         {"role": "user", "content": "In one sentence, what is fine-tuning?"}])
     stats["text"] = r.choices[0].message.content
@@ -852,12 +1134,15 @@ def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None, serve
             f"a model with random or broken weights does this")
     print_stats("chat", stats, repr(stats["text"][:60]))
     results["chat"] = stats
+    tokenizer = target_tokenizer(target)
     failed = []
-    checks = {"template_parity": lambda: check_template_parity(cfg, client, engine, name, train_cfg, adapter_dir,
-                                                               served_dir),
+    checks = {"template_parity": lambda: check_template_parity(cfg, client, engine, name, tokenizer,
+                                                               target["served_dir"]),
               "stream": lambda: check_stream(client, name, max_tokens, engine),
               "json": lambda: check_json(client, name, max_tokens, engine),
               "tool_round_trip": lambda: check_tool_round_trip(client, name, max_tokens, engine)}
+    if cfg["deploy"]["parity_prompts"]:
+        checks["parity"] = lambda: check_parity(cfg, client, engine, name, target, tokenizer)
     for key, check in checks.items():  # every check runs: one failure must not hide the others
         try:
             results[key] = check()
@@ -866,7 +1151,7 @@ def check_endpoint(cfg, train_cfg, adapter_dir, served_dir, out_path=None, serve
             if isinstance(err, APIError) and server_log and os.path.exists(server_log):
                 where = f" (if deploy.py started the server, its log: {server_log})"
             print(f"  {key:<10} FAILED: {err}{where}", flush=True)
-            results[key] = {"error": f"{err}{where}"}
+            results[key] = {**getattr(err, "result", {}), "error": f"{err}{where}"}
             failed.append(key)
     if out_path:
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
@@ -901,7 +1186,7 @@ EVALSCOPE_WITH_KEY = ("import os, sys; sys.argv += ['--api-key', os.environ['VLL
                       "from evalscope.cli.cli import run_cmd; sys.exit(run_cmd())")
 
 
-def evalscope_command(cfg, engine, served_dir, out_dir):
+def evalscope_command(cfg, engine, served_dir, out_dir, name=None):
     d = cfg["deploy"]
     levels = [int(c) for c in d["perf_concurrency"]]
     numbers = [max(d["perf_min_requests"], c * d["perf_requests_per_level"]) for c in levels]
@@ -909,7 +1194,7 @@ def evalscope_command(cfg, engine, served_dir, out_dir):
     if exe is None:
         raise DeployError("the `evalscope` CLI was not found; pip install 'evalscope[perf]'")
     cmd = [exe, "perf", "--url", endpoint_url(cfg) + "/chat/completions", "--api", "openai",
-           "--model", d["served_model_name"], "--parallel", *map(str, levels), "--number", *map(str, numbers),
+           "--model", name or d["served_model_name"], "--parallel", *map(str, levels), "--number", *map(str, numbers),
            "--max-tokens", str(d["perf_max_tokens"]), "--stream", "--temperature", "0",
            "--outputs-dir", out_dir, "--no-timestamp", "--name", "perf", "--sleep-interval", "1",
            "--seed", str(cfg["training"]["seed"])]
@@ -1004,12 +1289,13 @@ def plot_perf(result, path):
     plt.close(fig)
 
 
-def run_perf(cfg, served_dir, out_dir):
-    """EvalScope perf at each deploy.perf_concurrency level -> out_dir/perf.json, perf.md, perf.png."""
+def run_perf(cfg, served_dir, out_dir, name=None):
+    """EvalScope perf of one served name (default deploy.served_model_name) at each deploy.perf_concurrency level
+    -> out_dir/perf.json, perf.md, perf.png."""
     engine = detect_engine(cfg)
     raw_dir = os.path.join(out_dir, "evalscope")
     shutil.rmtree(raw_dir, ignore_errors=True)
-    cmd, levels, numbers = evalscope_command(cfg, engine, served_dir, raw_dir)
+    cmd, levels, numbers = evalscope_command(cfg, engine, served_dir, raw_dir, name)
     os.makedirs(raw_dir, exist_ok=True)
     log_path = os.path.join(out_dir, "perf.log")
     print(f"EvalScope perf against {endpoint_url(cfg)}: concurrency {levels}, requests {numbers}\n  log: {log_path}",
@@ -1019,7 +1305,7 @@ def run_perf(cfg, served_dir, out_dir):
                             cwd=out_dir).returncode
     if rc != 0:
         raise DeployError(f"evalscope perf failed (exit code {rc}); last lines of {log_path}:\n{log_tail(log_path)}")
-    result = {"endpoint": endpoint_url(cfg), "engine": engine, "model": cfg["deploy"]["served_model_name"],
+    result = {"endpoint": endpoint_url(cfg), "engine": engine, "model": name or cfg["deploy"]["served_model_name"],
               "dataset": (cfg["deploy"]["perf_prompts_file"] if cfg["deploy"]["perf_dataset"] == "file"
                           else f"random, {cfg['deploy']['perf_prompt_tokens']} prompt tokens"),
               "max_tokens": cfg["deploy"]["perf_max_tokens"],
@@ -1051,34 +1337,79 @@ def server_up(cfg):
         return False
 
 
-def serve_target(cfg, args, run_path, train_cfg):
-    """(model folder, adapter folder or None) to serve: --model, the LoRA base + adapter, or the merged folder."""
-    if args.model:
-        return check_model_dir(common.path_in_repo(args.model)), None
-    if args.lora:
-        return base_model_path(train_cfg["model"]["name"]), os.path.join(run_path, "adapter")
-    merged = os.path.join(run_path, "merged")
+def deploy_targets(cfg, args):
+    """One entry per served name, for serve / test / perf: name (the `model` clients send), run (outputs/<run>, None
+    for --model alone), train_cfg, adapter (folder or None), merged (the full-weights folder: outputs/<run>/merged or
+    --model; may not exist yet), reports (reports/<run or folder name>/), log (the server's log).
+    --model DIR without --run stands alone: DIR under deploy.served_model_name, no adapter, no training run.
+    --lora with several --run serves each adapter under its run's folder name."""
+    runs = args.run or []
+    if args.model and not runs:
+        folder = check_model_dir(common.path_in_repo(args.model))
+        reports = reports_dir(cfg, folder)
+        return [{"name": cfg["deploy"]["served_model_name"], "run": None, "train_cfg": cfg, "adapter": None,
+                 "merged": folder, "reports": reports, "log": os.path.join(reports, "serve.log")}]
+    if len(runs) > 1 and not args.lora:
+        raise DeployError("several --run are served together only as unmerged adapters: add --lora (vLLM), "
+                          "or deploy one run at a time")
+    if len(runs) > 1 and args.adapter:
+        raise DeployError("--adapter picks the adapter of one run: give one --run (or none) with it")
+    adapter = common.resolve_adapter(cfg, args.adapter) if args.adapter else None
+    targets = []
+    for run in runs or [None]:
+        run_path, train_cfg = resolve_run(cfg, run, adapter)
+        name = os.path.basename(run_path.rstrip("/")) if len(runs) > 1 else cfg["deploy"]["served_model_name"]
+        targets.append({"name": check_served_name(name), "run": run_path, "train_cfg": train_cfg,
+                        "adapter": adapter or os.path.join(run_path, "adapter"),
+                        "merged": common.path_in_repo(args.model) if args.model else os.path.join(run_path, "merged"),
+                        "reports": reports_dir(cfg, run_path), "log": os.path.join(run_path, "serve.log")})
+    names = [t["name"] for t in targets]
+    if len(set(names)) < len(names):
+        raise DeployError(f"two runs share a folder name ({', '.join(names)}): each adapter is served under its "
+                          f"run's name, so rename one run folder")
+    return targets
+
+
+def serve_plan(args, targets):
+    """(model folder, {name: adapter folder} or None) to serve: --model, the LoRA base + adapters, or the merged
+    folder."""
+    if args.lora and not args.model:
+        bases = {base_model_path(t["train_cfg"]["model"]["name"]) for t in targets}
+        if len(bases) > 1:
+            raise DeployError(f"the runs were trained on different bases ({', '.join(sorted(bases))}); one server "
+                              f"serves the adapters of one base")
+        return bases.pop(), {t["name"]: t["adapter"] for t in targets}
+    merged = targets[0]["merged"]
     if not os.path.isdir(merged):
-        raise DeployError(f"{merged} does not exist; run `python deploy.py merge --run {run_path}` first "
+        raise DeployError(f"{merged} does not exist; run `python deploy.py merge --run {targets[0]['run']}` first "
                           f"(or serve the adapter unmerged with --lora on vLLM)")
     return check_model_dir(merged), None
 
 
-def running_server_folder(cfg, args, run_path):
-    """test/perf against a server already running: the folder of the tokenizer it serves with. --model, else the
-    merged folder; a vLLM server in LoRA mode (--lora, or no merged folder yet) serves the base with training's
-    tokenizer and template, which the adapter folder holds."""
-    if args.model:
-        return check_model_dir(common.path_in_repo(args.model))
-    merged = os.path.join(run_path, "merged")
-    if os.path.isdir(merged) and not args.lora:
+def running_server_folder(cfg, target, lora):
+    """The folder whose tokenizer and chat template the server applies: the merged folder (or --model); a vLLM server
+    in LoRA mode (--lora, or no merged folder yet) serves the base with training's tokenizer and template, which
+    the adapter folder holds."""
+    merged = target["merged"]
+    if target["run"] is None or (os.path.isdir(merged) and not lora):
         return check_model_dir(merged)
     if detect_engine(cfg) == "vllm":
-        return os.path.join(run_path, "adapter")
-    why = "--lora was given" if args.lora else f"{merged} does not exist"
+        return target["adapter"]
+    why = "--lora was given" if lora else f"{merged} does not exist"
     raise DeployError(f"the server at {endpoint_url(cfg)} is not vLLM, so it cannot be serving the adapter unmerged "
                       f"({why}); pass --model with the folder it serves, or run "
-                      f"`python deploy.py merge --run {run_path}` and serve the merged folder")
+                      f"`python deploy.py merge --run {target['run']}` and serve the merged folder")
+
+
+def target_tokenizer(target):
+    """The tokenizer and chat template the model learned with: training's (saved with the adapter), or, for --model
+    alone, the folder's own."""
+    if target["adapter"]:
+        return common.load_tokenizer(target["train_cfg"], target["adapter"])
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(target["served_dir"])
+    tokenizer.pad_token = tokenizer.pad_token or tokenizer.eos_token
+    return tokenizer
 
 
 def interrupt(signum, frame):
@@ -1086,7 +1417,7 @@ def interrupt(signum, frame):
 
 
 def serve_forever(proc):
-    print(f"serving {proc.model} at {proc.url}; Ctrl-C stops it", flush=True)
+    print(f"serving {', '.join(proc.names)} at {proc.url}; Ctrl-C stops it", flush=True)
     # Ctrl-C, and `kill PID`, stop the server group (also when a launcher started us with SIGINT ignored).
     signal.signal(signal.SIGINT, interrupt)
     signal.signal(signal.SIGTERM, interrupt)
@@ -1103,12 +1434,15 @@ def serve_forever(proc):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["merge", "serve", "test", "perf", "all"])
-    parser.add_argument("--run", help="outputs/<run> folder (default: the newest with an adapter)")
-    parser.add_argument("--adapter", help="merge this adapter: outputs/<run>[/adapter | /adapter_last | "
-                                          "/checkpoints/checkpoint-N] (default: the run's adapter/)")
+    parser.add_argument("--run", action="append",
+                        help="outputs/<run> folder (default: the newest with an adapter); repeat with --lora to serve "
+                             "several adapters, each under its run's name")
+    parser.add_argument("--adapter", help="the adapter of one run to merge / serve: outputs/<run>[/adapter | "
+                                          "/adapter_last | /checkpoints/checkpoint-N] (default: the run's adapter/)")
     parser.add_argument("--engine", choices=ENGINES, help="overrides deploy.engine")
     parser.add_argument("--lora", action="store_true", help="serve base + adapter unmerged (vLLM --enable-lora)")
-    parser.add_argument("--model", help="serve/test/perf this model folder instead of outputs/<run>/merged")
+    parser.add_argument("--model", help="serve/test/perf this model folder instead of outputs/<run>/merged; "
+                                        "without --run no training run is needed")
     parser.add_argument("--tensor-parallel-size", type=int,
                         help="GPUs per vLLM server (overrides deploy.tensor_parallel_size)")
     parser.add_argument("--no-gguf", action="store_true", help="skip the GGUF export even when llama.cpp is present")
@@ -1125,12 +1459,13 @@ def main():
         check_host(cfg, engine)
         if engine == "transformers" and cfg["deploy"]["tensor_parallel_size"] > 1:
             print("note: tensor_parallel_size applies to vLLM only; the transformers engine uses one device")
-        adapter = common.resolve_adapter(cfg, args.adapter) if args.adapter else None
-        run_path, train_cfg = resolve_run(cfg, args.run, adapter)
-        reports = reports_dir(cfg, run_path)
-        config.save_config(cfg, os.path.join(reports, "deploy_config.json"),
-                           extra={"step": args.step, "engine": engine, "run": run_path, "git_sha": common.git_sha(),
-                                  "versions": common.package_versions()})
+        targets = deploy_targets(cfg, args)
+        for t in targets:
+            config.save_config(cfg, os.path.join(t["reports"], "deploy_config.json"),
+                               extra={"step": args.step, "engine": engine, "run": t["run"], "git_sha": common.git_sha(),
+                                      "versions": common.package_versions()})
+        if args.step == "merge" and targets[0]["run"] is None:
+            raise DeployError("--model names a folder to serve as it is; merge takes a training run (--run)")
         if args.step in ("merge", "all") and not (args.model or args.lora):
             if args.step == "all" and common.has_cuda():
                 # A merge process of its own: Unsloth keeps references to the models it loaded, and vLLM
@@ -1139,28 +1474,35 @@ def main():
                 argv[argv.index("all")] = "merge"
                 subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
             else:
-                merge(cfg, run_path, train_cfg, gguf=not args.no_gguf, adapter_dir=adapter)
+                for t in targets:
+                    merge(cfg, t["run"], t["train_cfg"], gguf=not args.no_gguf, adapter_dir=t["adapter"])
         if args.step == "merge":
             return
         if args.step == "serve":
-            model_dir, adapter_dir = serve_target(cfg, args, run_path, train_cfg)
-            serve_forever(start_server(cfg, model_dir, os.path.join(run_path, "serve.log"), adapter_dir))
+            model_dir, adapters = serve_plan(args, targets)
+            serve_forever(start_server(cfg, model_dir, targets[0]["log"], adapters))
             return
         proc = None
         if args.step == "all":
-            model_dir, adapter_dir = serve_target(cfg, args, run_path, train_cfg)
-            proc = start_server(cfg, model_dir, os.path.join(run_path, "serve.log"), adapter_dir)
+            model_dir, adapters = serve_plan(args, targets)
+            proc = start_server(cfg, model_dir, targets[0]["log"], adapters)
         elif not server_up(cfg):
             raise DeployError(f"no server answers at {endpoint_url(cfg)}; start one with `python deploy.py serve` "
                               f"(or `all` to serve, test and perf in one go)")
-        else:
-            model_dir = running_server_folder(cfg, args, run_path)
         try:
-            if args.step in ("test", "all"):
-                check_endpoint(cfg, train_cfg, os.path.join(run_path, "adapter"), model_dir,
-                               os.path.join(reports, "deploy_test.json"), os.path.join(run_path, "serve.log"))
+            failed = []
+            for t in targets:  # every served name is tested, even after one fails
+                t["served_dir"] = running_server_folder(cfg, t, args.lora)
+                try:
+                    if args.step in ("test", "all"):
+                        check_endpoint(cfg, t, os.path.join(t["reports"], "deploy_test.json"), t["log"])
+                except DeployError as err:
+                    failed.append(f"{t['name']}: {err}")
+            if failed:
+                raise DeployError("; ".join(failed))
             if args.step in ("perf", "all"):
-                run_perf(cfg, model_dir, reports)
+                for t in targets:
+                    run_perf(cfg, t["served_dir"], t["reports"], t["name"])
         finally:
             if proc is not None:
                 stop_server(proc)

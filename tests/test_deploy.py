@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -26,7 +27,9 @@ import deploy
 
 @pytest.fixture(scope="session")
 def work(tmp_path_factory):
-    return tmp_path_factory.mktemp("deploy")
+    path = tmp_path_factory.mktemp("deploy")
+    common.write_jsonl(str(path / "processed" / "val.jsonl"), VAL_ROWS)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -34,7 +37,8 @@ def overrides(work):
     """--set overrides shared by the CLI runs and the in-process config: tiny sizes, a free port."""
     return [f"output.dir={work / 'outputs'}", f"output.reports_dir={work / 'reports'}",
             f"deploy.port={deploy.free_port()}", "deploy.perf_concurrency=[1, 2]", "deploy.perf_min_requests=2",
-            "deploy.perf_requests_per_level=1", "deploy.test_max_tokens=16", "deploy.perf_max_tokens=8"]
+            "deploy.perf_requests_per_level=1", "deploy.test_max_tokens=32", "deploy.perf_max_tokens=8",
+            f"data.processed_dir={work / 'processed'}", "deploy.parity_prompts=3", "deploy.parity_max_tokens=8"]
 
 
 @pytest.fixture(scope="session")
@@ -42,26 +46,66 @@ def cfg(overrides):
     return config.build_config("demo", overrides)
 
 
-@pytest.fixture(scope="session")
-def run_path(cfg, demo_model_dir):
-    """outputs/<run>/adapter + config.json as train.py writes them: a real PEFT LoRA (config's settings)
-    on the demo model, with its B matrices perturbed so that the merge is not a no-op."""
+WEATHER = [{"type": "function", "function": {  # deploy.WEATHER_TOOL, written out: the test does not trust the code
+    "name": "get_weather", "description": "Current weather for a city.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string", "description": "City name"}},
+                   "required": ["city"]}}}]
+TRAIN_ROWS = [  # (messages, tools): what the demo adapter learns, so its tool calls and JSON come from the model
+    ([{"role": "user", "content": f"What's the weather in {city} right now? Use the tool."},
+      {"role": "assistant", "content": "", "tool_calls": [
+          {"type": "function", "function": {"name": "get_weather", "arguments": {"city": city}}}]}], WEATHER)
+    if city else
+    ([{"role": "system", "content": "Reply with a JSON object only."},
+      {"role": "user", "content": f'Give {{"name": <string>, "age": <integer>}} for {name}, who is {age}.'},
+      {"role": "assistant", "content": f'{{"name": "{name}", "age": {age}}}'}], None)
+    # One pass, alternating: on 2 shared cores a step takes 15-75 s; after one step on a call the loss on another
+    # city's call was already 0.11.
+    for city, name, age in (("Berlin", None, None), (None, "Bob", 41), ("Tokyo", None, None), (None, "Carol", 25))]
+VAL_ROWS = [  # data.processed_dir/val.jsonl for the parity gate (a tool row, which the gate skips, and 3 it uses)
+    {"messages": [{"role": "user", "content": "What's the weather in Oslo right now? Use the tool."},
+                  {"role": "assistant", "content": "", "tool_calls": [
+                      {"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}],
+     "tools": WEATHER},
+    {"messages": [{"role": "system", "content": "Reply with a JSON object only."},
+                  {"role": "user", "content": 'Give {"name": <string>, "age": <integer>} for Dan, who is 52.'},
+                  {"role": "assistant", "content": '{"name": "Dan", "age": 52}'}]},
+    {"messages": [{"role": "user", "content": "What is 2 + 3?"}, {"role": "assistant", "content": "5"}]},
+    {"messages": [{"role": "system", "content": "Reply with a JSON object only."},
+                  {"role": "user", "content": 'Give {"name": <string>, "age": <integer>} for Eve, who is 37.'},
+                  {"role": "assistant", "content": '{"name": "Eve", "age": 37}'}]},
+]
+
+
+def train_adapter(cfg, base_dir, out_dir, lr=2e-3, seed=0):
+    """A real PEFT LoRA (the config's settings) trained on TRAIN_ROWS with the suite's loss mask, saved as train.py
+    saves one (adapter + tokenizer)."""
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
-    path = common.run_dir(cfg, "demo-run")
-    model = AutoModelForCausalLM.from_pretrained(demo_model_dir, dtype=torch.float32)
+    torch.manual_seed(seed)
+    tokenizer = common.load_tokenizer(cfg)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     lora = cfg["lora"]
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["lora_alpha"], task_type="CAUSAL_LM",
-                                             lora_dropout=lora["lora_dropout"], bias=lora["bias"],
-                                             target_modules=lora["target_modules"]))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.02)
-    model.save_pretrained(os.path.join(path, "adapter"))
-    common.load_tokenizer(cfg).save_pretrained(os.path.join(path, "adapter"))
+                                             lora_dropout=0.0, bias=lora["bias"], target_modules=lora["target_modules"]))
+    rows = [common.tokenize_conversation(tokenizer, m, tools=t) for m, t in TRAIN_ROWS]
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    for row in rows:
+        loss = model(input_ids=torch.tensor([row["input_ids"]]), labels=torch.tensor([row["labels"]])).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return loss.item()
+
+
+@pytest.fixture(scope="session")
+def run_path(cfg, demo_model_dir):
+    """outputs/<run>/adapter + config.json as train.py writes them: a LoRA trained on TRAIN_ROWS."""
+    path = common.run_dir(cfg, "demo-run")
+    assert train_adapter(cfg, demo_model_dir, os.path.join(path, "adapter")) < 0.5  # the last row, once
     config.save_config(cfg, os.path.join(path, "config.json"))
     return path
 
@@ -214,28 +258,38 @@ def test_server_answers_the_served_name(server, cfg):
     assert r.usage.completion_tokens >= 1
 
 
+def run_target(cfg, run_path, lora=False):
+    target = deploy.deploy_targets(cfg, argparse.Namespace(run=[run_path], model=None, lora=lora))[0]
+    return dict(target, served_dir=deploy.running_server_folder(cfg, target, lora))
+
+
 def test_endpoint_checks_pass(server, cfg, run_path, merged_dir):
     out = os.path.join(deploy.reports_dir(cfg, run_path), "deploy_test.json")
-    results = deploy.check_endpoint(cfg, cfg, os.path.join(run_path, "adapter"), merged_dir, out)
-    assert results["engine"] == "transformers"
+    results = deploy.check_endpoint(cfg, run_target(cfg, run_path), out)
+    assert results["engine"] == "transformers" and results["models"]["listed"] == ["smollm2-demo"]
     assert results["chat"]["completion_tokens"] >= 1 and results["chat"]["tokens_per_s"] > 0
     assert results["stream"]["chunks"] >= 1 and results["stream"]["ttft_s"] <= results["stream"]["latency_s"]
-    assert results["json"]["enforced"] is False and isinstance(results["json"]["valid_json"], bool)
-    assert results["tool_round_trip"]["arguments"] == {"city": "Paris"}
+    # transformers serve ignores response_format: the trained adapter's own JSON, not a constrained one
+    assert results["json"]["enforced"] is False and results["json"]["valid_json"] is True
+    assert json.loads(results["json"]["text"]) == {"name": "Alice", "age": 30}
+    tool = results["tool_round_trip"]
+    assert tool["call_source"] == "model (tool_choice=auto)" and tool["model_call"] == "valid"
+    assert tool["arguments"] == {"city": "Paris"} and tool["answer"].strip()
     parity = results["template_parity"]["conversations"]
     assert len(parity) == 3 and all(c["equal"] for c in parity)
     assert all(c["server_prompt_tokens"] == c["tokens"] for c in parity)
-    assert json.load(open(out))["template_parity"]["conversations"] == parity
-
-
-def test_template_parity_fails_loudly_on_another_template(server, cfg, run_path, merged_dir, tmp_path,
-                                                          demo_model_dir):
-    """A served folder whose chat template is not the one training used (SmolLM2's own) must fail."""
-    other = copy_small_files(merged_dir, str(tmp_path / "other"))
-    shutil.copy(os.path.join(demo_model_dir, "chat_template.jinja"), other)
-    with pytest.raises(deploy.DeployError, match="template parity FAILED"):
-        deploy.check_template_parity(cfg, deploy.openai_client(cfg), "transformers",
-                                     cfg["deploy"]["served_model_name"], cfg, os.path.join(run_path, "adapter"), other)
+    gate = results["parity"]
+    assert gate["prompts"] == 3 and "not returned by the transformers engine" in gate["logprobs"]
+    assert set(gate["pairs"]) == {"served_vs_merged", "served_vs_adapter", "merged_vs_adapter", "served_vs_base"}
+    for pair in ("served_vs_merged", "served_vs_adapter"):  # fp32 on both sides: the same greedy tokens
+        assert gate["pairs"][pair]["top1_agreement"] == 1.0 and gate["pairs"][pair]["clear_positions"] >= 8
+        assert gate["pairs"][pair]["mean_abs_dlogprob"] is None
+    assert gate["pairs"]["merged_vs_adapter"]["mean_abs_dlogprob"] < 1e-3  # in process: logprobs on both sides
+    # the base would answer the JSON prompts otherwise (it wrote "Here's a Python function ..." to this one)
+    assert gate["pairs"]["served_vs_base"]["changed_share"] > 0 and gate["adapter_effect"]["passed"]
+    assert gate["pairs"]["served_vs_adapter"]["changed_share"] == 0.0
+    assert gate["greedy_identical"].endswith("/3 served vs merged")
+    assert json.load(open(out))["parity"]["pairs"] == json.loads(json.dumps(gate["pairs"]))
 
 
 def test_a_failing_check_does_not_hide_the_others(server, cfg, run_path, merged_dir, tmp_path, demo_model_dir):
@@ -243,13 +297,51 @@ def test_a_failing_check_does_not_hide_the_others(server, cfg, run_path, merged_
     other = copy_small_files(merged_dir, str(tmp_path / "other"))
     shutil.copy(os.path.join(demo_model_dir, "chat_template.jinja"), other)
     out = str(tmp_path / "deploy_test.json")
+    quick = dict(cfg, deploy=dict(cfg["deploy"], parity_prompts=0))  # no gate: 6 checks
     with pytest.raises(deploy.DeployError, match=r"1 of 6 endpoint checks failed: template_parity$"):
-        deploy.check_endpoint(cfg, cfg, os.path.join(run_path, "adapter"), other, out)
+        deploy.check_endpoint(quick, dict(run_target(cfg, run_path), served_dir=other), out)
     written = json.load(open(out))
     assert "template parity FAILED" in written["template_parity"]["error"]
     # parity runs first: the checks after it still ran and passed
     assert written["stream"]["chunks"] >= 1 and "error" not in written["json"]
     assert written["tool_round_trip"]["arguments"] == {"city": "Paris"}
+
+
+def test_gate_fails_on_a_broken_merge(server, cfg, run_path, merged_dir, demo_model_dir, tmp_path):
+    """A merged folder with the adapter applied at twice its scale (lora_alpha doubled): the served model (the good
+    merge) still matches base + adapter, the broken folder matches neither."""
+    adapter = tmp_path / "double"
+    shutil.copytree(os.path.join(run_path, "adapter"), adapter)
+    settings = json.loads((adapter / "adapter_config.json").read_text())
+    settings["lora_alpha"] *= 2
+    (adapter / "adapter_config.json").write_text(json.dumps(settings))
+    broken = str(tmp_path / "broken")
+    deploy.merge_peft(demo_model_dir, str(adapter), broken)
+    target = dict(run_target(cfg, run_path), merged=broken)
+    with pytest.raises(deploy.ParityError) as err:
+        deploy.check_parity(cfg, deploy.openai_client(cfg), "transformers", "smollm2-demo", target,
+                            deploy.target_tokenizer(target))
+    message, pairs = str(err.value), err.value.result["pairs"]
+    # merged_vs_adapter has logprobs on both sides (in process); served_vs_merged only top-1 (transformers serve)
+    assert "merged_vs_adapter: " in message and "mean |Δlogprob|" in message and "worst prompt 0" in message
+    assert "served_vs_adapter" not in message and pairs["served_vs_adapter"]["top1_agreement"] == 1.0
+    assert pairs["merged_vs_adapter"]["mean_abs_dlogprob"] > 0.1
+
+
+def test_adapter_effect_rule():
+    """Served vs base must differ more than parity_min_adapter_effect (3) × served vs adapter."""
+    cfg = config.build_config()
+
+    def pairs(base, adapter, logprobs=True):
+        key = "mean_abs_dlogprob"
+        return {"served_vs_base": {key: base if logprobs else None, "changed_share": base},
+                "served_vs_adapter": {key: adapter if logprobs else None, "changed_share": adapter}}
+    assert deploy.adapter_effect(cfg, pairs(0.30, 0.02))["passed"]  # 15× further from the base
+    noop = deploy.adapter_effect(cfg, pairs(0.02, 0.02))  # an adapter that changes nothing: noise both ways
+    assert not noop["passed"] and "mean |Δlogprob| 0.0200" in noop["why"]
+    assert not deploy.adapter_effect(cfg, pairs(0.0, 0.0, logprobs=False))["passed"]  # the base itself served
+    assert deploy.adapter_effect(cfg, pairs(0.25, 0.0, logprobs=False))["passed"]
+    assert not deploy.adapter_effect(cfg, pairs(0.25, 0.25, logprobs=False))["passed"]
 
 
 def test_unusable_model_tool_calls_are_named():
@@ -285,15 +377,18 @@ def test_perf_writes_report(server, cfg, run_path, merged_dir):
 def test_test_and_perf_find_the_folder_the_server_serves(server, cfg, run_path, merged_dir, tmp_path):
     """`deploy.py test|perf` without a merged folder: fine for a vLLM server in LoRA mode (the adapter holds the
     tokenizer), a clear error against `transformers serve`, which serves merged folders only."""
-    args = argparse.Namespace(model=None, lora=False)
-    assert deploy.running_server_folder(cfg, args, run_path) == merged_dir
+    def folder(run, lora=False, model=None):
+        args = argparse.Namespace(run=[str(run)] if run else None, model=model, lora=lora)
+        return deploy.running_server_folder(cfg, deploy.deploy_targets(cfg, args)[0], lora)
+    assert folder(run_path) == merged_dir
     bare = tmp_path / "run-without-merge"
     shutil.copytree(os.path.join(run_path, "adapter"), bare / "adapter")
     with pytest.raises(deploy.DeployError, match="is not vLLM, so it cannot be serving the adapter unmerged"):
-        deploy.running_server_folder(cfg, args, str(bare))
+        folder(bare)
     with pytest.raises(deploy.DeployError, match=r"cannot be serving the adapter unmerged \(--lora was given\)"):
-        deploy.running_server_folder(cfg, argparse.Namespace(model=None, lora=True), run_path)
-    assert deploy.running_server_folder(cfg, argparse.Namespace(model=merged_dir, lora=False), str(bare)) == merged_dir
+        folder(run_path, lora=True)
+    assert folder(bare, model=merged_dir) == merged_dir
+    assert folder(None, model=merged_dir) == merged_dir  # --model alone: no run needed
 
 
 def test_port_in_use_is_refused(server, cfg, merged_dir, tmp_path):
@@ -307,6 +402,101 @@ def test_stop_server_leaves_no_process(server):
     deploy.stop_server(server)
     assert server.poll() is not None
     assert not any(alive(pid) for pid in pids) and deploy.group_pids(server.pid) == []
+
+
+# ---------------------------------------------------------------- served folders that are not the trained model
+
+def served_like(merged_dir, weights_dir, template_dir, dst):
+    """A complete model folder: merged_dir's config and tokenizer, weights_dir's weights, template_dir's chat
+    template (links: nothing is copied twice)."""
+    copy_small_files(merged_dir, dst)
+    shutil.copy(os.path.join(template_dir, "chat_template.jinja"), dst)
+    os.symlink(os.path.join(weights_dir, "model.safetensors"), os.path.join(dst, "model.safetensors"))
+    return dst
+
+
+def server_child(pid):
+    """The server deploy.py started: its child that leads a process group of its own."""
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            fields = open(f"/proc/{entry}/stat", encoding="utf-8").read().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        if int(fields[1]) == pid and int(fields[2]) == int(entry):
+            return int(entry)
+    return None
+
+
+def cli_serve(folder, overrides, tmp_path):
+    """`deploy.py serve --model FOLDER` with no training run anywhere (an empty output.dir), on a port of its own;
+    returns (process, config, the server's pid) once /health answers."""
+    port = deploy.free_port()
+    sets = overrides + [f"output.dir={tmp_path / 'no-runs'}", f"output.reports_dir={tmp_path / 'reports'}",
+                        f"deploy.port={port}"]
+    log = open(tmp_path / "cli.log", "w")
+    proc = subprocess.Popen([sys.executable, os.path.join(common.ROOT, "deploy.py"), "serve", "--model", folder,
+                             "--profile", "demo", *[x for o in sets for x in ("--set", o)]],
+                            stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT)
+    one = config.build_config("demo", sets)
+    deadline = time.time() + 600
+    while not deploy.server_up(one):
+        assert proc.poll() is None and time.time() < deadline, (tmp_path / "cli.log").read_text()[-3000:]
+        time.sleep(2)
+    return proc, one, server_child(proc.pid)
+
+
+def stop_cli(proc, signum, server_pid, cfg, tmp_path):
+    """Send signum to deploy.py (Ctrl-C is SIGINT) and check that no process of the server is left."""
+    group = deploy.group_pids(server_pid)
+    assert server_pid in group
+    os.kill(proc.pid, signum)
+    assert proc.wait(timeout=120) == 0, (tmp_path / "cli.log").read_text()[-3000:]
+    assert "server stopped" in (tmp_path / "cli.log").read_text()
+    assert not any(alive(pid) for pid in group) and deploy.group_pids(server_pid) == []
+    deploy.check_port_free("127.0.0.1", cfg["deploy"]["port"])  # as a server binds: TIME_WAIT is free
+
+
+def test_served_folder_without_the_adapter_fails_the_gate_and_ctrl_c_stops_it(
+        server, cfg, run_path, merged_dir, demo_model_dir, overrides, tmp_path):
+    """`deploy.py serve --model` serves the base's weights under training's tokenizer and template: the gate against
+    the run fails on served vs adapter and on the adapter effect; the gate for --model alone (no run) passes against
+    the folder itself. Ctrl-C leaves no process behind."""
+    base_like = served_like(merged_dir, demo_model_dir, merged_dir, str(tmp_path / "base-like"))
+    proc, one, server_pid = cli_serve(base_like, overrides, tmp_path)
+    try:
+        target = run_target(cfg, run_path)
+        with pytest.raises(deploy.ParityError) as err:
+            deploy.check_parity(one, deploy.openai_client(one), "transformers", "smollm2-demo", target,
+                                deploy.target_tokenizer(target))
+        assert "served_vs_adapter: top-1 agreement" in str(err.value) and "adapter effect:" in str(err.value)
+        assert err.value.result["pairs"]["served_vs_base"]["changed_share"] == 0.0
+        alone = deploy.deploy_targets(one, argparse.Namespace(run=None, model=base_like, lora=False))[0]
+        alone["served_dir"] = deploy.running_server_folder(one, alone, False)
+        assert alone["run"] is None and alone["adapter"] is None and alone["served_dir"] == base_like
+        gate = deploy.check_parity(one, deploy.openai_client(one), "transformers", "smollm2-demo", alone,
+                                   deploy.target_tokenizer(alone))
+        assert list(gate["pairs"]) == ["served_vs_model"] and gate["adapter_effect"] is None
+        assert gate["pairs"]["served_vs_model"]["top1_agreement"] == 1.0 and "adapter pairs skipped" in gate["skipped"]
+    finally:
+        stop_cli(proc, signal.SIGINT, server_pid, one, tmp_path)
+
+
+def test_another_chat_template_fails_parity_and_sigterm_stops_it(
+        server, cfg, run_path, merged_dir, demo_model_dir, overrides, tmp_path):
+    """The merged weights served under SmolLM2's own template: the server's own prompt ids differ from training's
+    (template parity, the check of `deploy.py test` that catches it: on this demo the greedy continuations under the
+    two templates agreed, so the continuation pairs alone did not). SIGTERM (`kill PID`) leaves no process behind."""
+    other = served_like(merged_dir, merged_dir, demo_model_dir, str(tmp_path / "other-template"))
+    proc, one, server_pid = cli_serve(other, overrides, tmp_path)
+    try:
+        target = run_target(cfg, run_path)
+        tokenizer = deploy.target_tokenizer(target)
+        client = deploy.openai_client(one)
+        with pytest.raises(deploy.DeployError, match="template parity FAILED"):
+            # the training tokenizer's folder, so only the server's own prompt_tokens can differ
+            deploy.check_template_parity(one, client, "transformers", "smollm2-demo", tokenizer, merged_dir)
+    finally:
+        stop_cli(proc, signal.SIGTERM, server_pid, one, tmp_path)
 
 
 # ---------------------------------------------------------------- errors
@@ -372,7 +562,7 @@ def test_startup_timeout_stops_the_server(cfg, merged_dir, tmp_path):
 
 def test_lora_mode_needs_vllm(cfg, demo_model_dir, run_path, tmp_path):
     with pytest.raises(deploy.DeployError, match="needs vLLM"):
-        deploy.start_server(cfg, demo_model_dir, str(tmp_path / "l.log"), adapter_dir=os.path.join(run_path, "adapter"))
+        deploy.start_server(cfg, demo_model_dir, str(tmp_path / "l.log"), {"a": os.path.join(run_path, "adapter")})
 
 
 def test_bad_perf_prompt_names_file_and_line(tmp_path):
@@ -407,6 +597,12 @@ def test_vllm_flags_scale_with_memory_and_tensor_parallel():
     assert 4 < mid["max_num_seqs"] < big["max_num_seqs"]
     user = config.build_config(overrides=["deploy.max_num_seqs=8"])
     assert deploy.vllm_settings(user, memory_gb=80)["max_num_seqs"] == 8  # a user's value is kept
+    same = config.build_config(overrides=["deploy.max_num_seqs=4", "deploy.enforce_eager=True"])
+    kept = deploy.vllm_settings(same, memory_gb=141)  # also a value equal to the default: the user gave it
+    assert (kept["max_num_seqs"], kept["enforce_eager"], kept["max_num_batched_tokens"]) == (4, True, 8192)
+    assert kept["scaled_keys"] == ["gpu_memory_utilization", "max_num_batched_tokens"]
+    tier = config.build_config(overrides=["deploy.tiers.80gb.max_num_seqs=512"])  # a sweep edits a tier
+    assert deploy.vllm_settings(tier, memory_gb=141)["max_num_seqs"] == 512
     off = config.build_config(overrides=["deploy.scale_to_gpu=False"])
     assert deploy.vllm_settings(off, memory_gb=80)["max_num_seqs"] == 4
 
@@ -422,13 +618,56 @@ def test_vllm_command_flags(run_path, tmp_path):
                  "--enforce-eager", "--kv-cache-dtype fp8", "--tensor-parallel-size 2"):
         assert flag in joined, flag
     assert "secret" not in joined and "--api-key" not in joined  # the key goes through VLLM_API_KEY
+    for flag in ("--quantization", "async-scheduling", "--compilation-config"):  # vLLM's defaults unless asked
+        assert flag not in joined
     adapter = os.path.join(run_path, "adapter")
-    lora = " ".join(deploy.vllm_command(cfg, "/models/base", adapter, deploy.vllm_settings(cfg, memory_gb=16)))
-    assert f"--enable-lora --lora-modules qwen3-4b-sft={adapter}" in lora and "--max-lora-rank 16" in lora
+    lora = " ".join(deploy.vllm_command(cfg, "/models/base", {"qwen3-4b-sft": adapter},
+                                        deploy.vllm_settings(cfg, memory_gb=16)))
+    assert f"--enable-lora --lora-modules qwen3-4b-sft={adapter} --max-loras 1 --max-lora-rank 16" in lora
     assert f"--chat-template {adapter}/chat_template.jinja" in lora and "--served-model-name" not in lora
     # The unmerged base has no generation_config.json of ours: the deploy sampling goes on the command line.
     assert '--override-generation-config {"temperature": 0.7, "top_p": 0.8, "top_k": 20}' in lora
     assert "--override-generation-config" not in joined
+
+
+def test_vllm_sweep_flags_pass_through():
+    cfg = config.build_config(overrides=[
+        "deploy.quantization=fp8", "deploy.async_scheduling=True", "deploy.vllm_args=['--enable-prefix-caching']",
+        "deploy.compilation_config={'cudagraph_mode': 'FULL_AND_PIECEWISE', 'max_cudagraph_capture_size': 256}"])
+    cmd = deploy.vllm_command(cfg, "/m", settings=deploy.vllm_settings(cfg, memory_gb=141))
+    joined = " ".join(cmd)
+    assert "--quantization fp8" in joined and "--async-scheduling" in cmd and cmd[-1] == "--enable-prefix-caching"
+    i = cmd.index("--compilation-config")
+    assert json.loads(cmd[i + 1]) == {"cudagraph_mode": "FULL_AND_PIECEWISE", "max_cudagraph_capture_size": 256}
+    off = config.build_config(overrides=["deploy.async_scheduling=False"])
+    assert "--no-async-scheduling" in deploy.vllm_command(off, "/m", settings=deploy.vllm_settings(off, 141))
+    with pytest.raises(deploy.DeployError, match="deploy.quantization must be None or 'fp8'"):
+        deploy.vllm_settings(config.build_config(overrides=["deploy.quantization=awq"]), memory_gb=141)
+
+
+def test_several_adapters_in_lora_mode(cfg, run_path, tmp_path):
+    """`--lora --run A --run B`: one base, each adapter under its run's folder name, all in one batch."""
+    runs = []
+    for name, rank in (("run-a", 16), ("run-b", 32)):
+        shutil.copytree(run_path, tmp_path / name, ignore=shutil.ignore_patterns("merged*", "*.log"))
+        settings = json.loads((tmp_path / name / "adapter" / "adapter_config.json").read_text())
+        (tmp_path / name / "adapter" / "adapter_config.json").write_text(json.dumps(dict(settings, r=rank)))
+        runs.append(str(tmp_path / name))
+    args = argparse.Namespace(run=runs, model=None, lora=True)
+    targets = deploy.deploy_targets(cfg, args)
+    assert [t["name"] for t in targets] == ["run-a", "run-b"]
+    assert [t["reports"] for t in targets] == [deploy.reports_dir(cfg, r) for r in runs]
+    base, adapters = deploy.serve_plan(args, targets)
+    assert base == common.path_in_repo(config.DEMO_MODEL_DIR) and list(adapters) == ["run-a", "run-b"]
+    cmd = " ".join(deploy.vllm_command(cfg, base, adapters, deploy.vllm_settings(cfg, memory_gb=80)))
+    assert (f"--lora-modules run-a={runs[0]}/adapter run-b={runs[1]}/adapter --max-loras 2 --max-lora-rank 32"
+            in cmd)
+    with pytest.raises(deploy.DeployError, match="several --run are served together only as unmerged adapters"):
+        deploy.deploy_targets(cfg, argparse.Namespace(run=runs, model=None, lora=False))
+    with open(tmp_path / "run-b" / "adapter" / "chat_template.jinja", "a", encoding="utf-8") as f:
+        f.write("{# another template #}")
+    with pytest.raises(deploy.DeployError, match="trained with different chat templates"):
+        deploy.vllm_command(cfg, base, adapters)
 
 
 def test_16bit_merge_check_ignores_ties_but_catches_clear_flips():
