@@ -786,9 +786,17 @@ def check_tool_round_trip(client, name, max_tokens, engine):
     is missing or unusable (a small model may name the city as the tool), vLLM is made to call get_weather
     (named tool_choice, grammar-constrained); on the transformers engine (no tool parser for every model,
     tool_choice ignored) the call is written by hand, so the second leg still runs through the server."""
+    from openai import InternalServerError
     messages = [{"role": "user", "content": "What's the weather in Paris right now? Use the tool."}]
-    r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL])
-    call, model_call = weather_call(r.choices[0].message)
+    try:
+        r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL])
+        call, model_call = weather_call(r.choices[0].message)
+    except InternalServerError as err:
+        if engine != "transformers":
+            raise
+        # `transformers serve` answers 500 when its tool parser meets a <tool_call> whose JSON is broken (an
+        # undertrained model's): that is the model's own try failing, so the call is constructed as below.
+        call, model_call, stats = None, f"the server could not parse it ({err.status_code})", {}
     source = "model (tool_choice=auto)"
     if call is None and engine == "vllm":
         r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL],
@@ -803,7 +811,10 @@ def check_tool_round_trip(client, name, max_tokens, engine):
     else:
         source, call_id, args = f"constructed (the model's own try: {model_call})", "call_0", {"city": "Paris"}
         arguments = json.dumps(args)
-    print_stats("tool call", stats, f"{source}: get_weather({arguments})")
+    if stats:
+        print_stats("tool call", stats, f"{source}: get_weather({arguments})")
+    else:
+        print(f"  tool call  {source}: get_weather({arguments})", flush=True)
     messages += [{"role": "assistant", "content": "", "tool_calls": [
                      {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": arguments}}]},
                  {"role": "tool", "tool_call_id": call_id, "content": json.dumps({"temp_c": 18, "sky": "cloudy"})}]
@@ -1003,6 +1014,7 @@ def summarize(rows):
     tokens = sum(r["tokens"] for r in rows)
     return {"top1_agreement": agree / clear if clear else 1.0, "clear_positions": clear, "tokens": tokens,
             "changed_share": sum(r["changed"] for r in rows) / tokens if tokens else 0.0,
+            "clear_disagree_share": (clear - agree) / tokens if tokens else 0.0,
             "mean_abs_dlogprob": sum(deltas) / len(deltas) if deltas else None,
             "max_abs_dlogprob": max(deltas) if deltas else None, "worst_prompt": min(range(len(rows)), key=badness),
             "per_prompt": [{k: r[k] for k in ("tokens", "clear", "agree")} for r in rows]}
@@ -1033,13 +1045,16 @@ def adapter_effect(cfg, pairs):
     """Served vs base must differ more than served vs adapter (by deploy.parity_min_adapter_effect): a no-op adapter,
     or a served model without the adapter, fails. In mean |Δlogprob| where the engine returns logprobs, else in the
     share of positions (all of them: an adapter moves the base where it was unsure) whose greedy token the scoring
-    model would not pick."""
+    model would not pick. Against base + adapter only clear positions count as noise there: the merge's rounding
+    can flip near-ties (the README demo's 2-step adapter on the CPU: 0.234 of all positions differed from base +
+    adapter while every clear position agreed)."""
     factor = cfg["deploy"]["parity_min_adapter_effect"]
     base, adapter = pairs["served_vs_base"], pairs["served_vs_adapter"]
     if base["mean_abs_dlogprob"] is not None:
         unit, effect, noise = "mean |Δlogprob|", base["mean_abs_dlogprob"], adapter["mean_abs_dlogprob"]
     else:
-        unit, effect, noise = "share of changed greedy tokens", base["changed_share"], adapter["changed_share"]
+        unit, effect, noise = ("share of changed greedy tokens (against base + adapter: clear positions only)",
+                               base["changed_share"], adapter["clear_disagree_share"])
     passed = effect >= factor * noise and (effect > 0 or factor == 0)
     why = (f"served vs base {unit} {effect:.4f}, served vs adapter {noise:.4f}: the served model is not further from "
            f"the base than {factor}× its distance from base + adapter (an adapter that changes nothing, or a served "
@@ -1113,15 +1128,7 @@ class ParityError(DeployError):
         self.result = result
 
 
-def check_endpoint(cfg, target, out_path=None, server_log=None):
-    """Every check against the running server for one served name (see deploy_targets), all of them even after a
-    failure (written to out_path); raises DeployError naming the failed ones, else returns the results."""
-    from openai import APIError
-    engine, name = detect_engine(cfg), target["name"]
-    client, max_tokens = openai_client(cfg), cfg["deploy"]["test_max_tokens"]
-    print(f"testing {endpoint_url(cfg)} (engine: {engine}, model: {name})", flush=True)
-    results = {"endpoint": endpoint_url(cfg), "engine": engine, "model": name}
-    results["models"] = check_models(cfg, name)
+def check_chat(client, name, max_tokens):
     r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=[
         {"role": "user", "content": "In one sentence, what is fine-tuning?"}])
     stats["text"] = r.choices[0].message.content
@@ -1133,10 +1140,25 @@ def check_endpoint(cfg, target, out_path=None, server_log=None):
             f"emitted only special tokens or whitespace, or the tool-call parser took the whole answer; "
             f"a model with random or broken weights does this")
     print_stats("chat", stats, repr(stats["text"][:60]))
-    results["chat"] = stats
+    return stats
+
+
+def check_endpoint(cfg, target, out_path=None, server_log=None):
+    """Every check against the running server for one served name (see deploy_targets), all of them even after a
+    failure (written to out_path); raises DeployError naming the failed ones, else returns the results. Only an
+    unlisted model stops it at once (every other check would fail the same way)."""
+    from openai import APIError
+    engine, name = detect_engine(cfg), target["name"]
+    client, max_tokens = openai_client(cfg), cfg["deploy"]["test_max_tokens"]
+    print(f"testing {endpoint_url(cfg)} (engine: {engine}, model: {name})", flush=True)
+    results = {"endpoint": endpoint_url(cfg), "engine": engine, "model": name}
+    results["models"] = check_models(cfg, name)
     tokenizer = target_tokenizer(target)
     failed = []
-    checks = {"template_parity": lambda: check_template_parity(cfg, client, engine, name, tokenizer,
+    # The parity gate does not depend on the model answering well: a model that stops at once (an H200 run of a
+    # random-weight Qwen3-4B shape after 4 steps) still gets its served-vs-trained numbers.
+    checks = {"chat": lambda: check_chat(client, name, max_tokens),
+              "template_parity": lambda: check_template_parity(cfg, client, engine, name, tokenizer,
                                                                target["served_dir"]),
               "stream": lambda: check_stream(client, name, max_tokens, engine),
               "json": lambda: check_json(client, name, max_tokens, engine),
@@ -1159,7 +1181,7 @@ def check_endpoint(cfg, target, out_path=None, server_log=None):
             json.dump(results, f, ensure_ascii=False, indent=2)
         print(f"test results written: {out_path}")
     if failed:
-        total = len(checks) + 2  # + models and chat above, which stop the test at once
+        total = len(checks) + 1  # + the model listing above
         raise DeployError(f"{len(failed)} of {total} endpoint checks failed: {', '.join(failed)}")
     return results
 

@@ -699,7 +699,8 @@ def warn_config_changes(run_dir, cfg):
         return
     with open(path, encoding="utf-8") as f:
         before = config.flatten(json.load(f)["config"])
-    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.flatten(cfg).items()
+    now = {k: v for k, v in config.masked(cfg, None).items() if k != "set_keys"}  # secrets: None, as saved
+    changed = [f"{k}: {before.get(k)!r} -> {v!r}" for k, v in config.flatten(now).items()
                if json.loads(json.dumps(v, default=str)) != before.get(k)]
     if changed:
         say("warning: resuming with settings that differ from the run's config.json:\n  " + "\n  ".join(changed))
