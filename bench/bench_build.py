@@ -131,8 +131,8 @@ def baseline(folder, out, seed=42):
 
 
 def build(folder, out):
-    import config
     import build_datasets
+    import config
     sources = {
         "cmath": {"format": "cmath", "local": os.path.join(folder, "cmath_dev.jsonl"), "weight": SHARES["cmath"],
                   "tags": ["math", "zh"]},

@@ -263,8 +263,8 @@ def run_unsloth_bare(a, shapes, ds, lengths, peak):
     seven projections, its offloaded checkpointing), TRL SFTTrainer with batch 2 x 4, adamw_8bit, packing on.
     Our data as it is (input_ids + labels), so the tokens are the same; none of train.py's settings."""
     import unsloth  # noqa: F401  (before transformers / trl / peft)
-    from unsloth import FastLanguageModel
     from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=a.seq,
                                                          load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=a.lora_r, lora_alpha=a.lora_r, lora_dropout=0,
@@ -290,6 +290,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig
+
     import train  # only for the packing-isolation check and the trainer constructor (plain SFTTrainer)
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
@@ -331,6 +332,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
 def worker(a):
     import datasets
     import torch
+
     import train
     # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts (peak_flops below starts it): as early as
     # train.py's main, from the config's default (a --set or the variable itself still wins). Not for the bare
