@@ -13,7 +13,10 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def bench(script, *args):
     """Run bench/<script> with this interpreter; its combined output, or a failure showing the output's tail."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    # One torch thread: these shapes gain nothing from two, and on a shared 2-core machine two threads spin against
+    # each other (bench_train --tiny at load 5: 10.9 s per step with two, 2.5 s with one).
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *map(str, args)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}"
@@ -42,7 +45,7 @@ def test_bench_train_tiny(tmp_path, demo_model_dir):
     assert result["seq"] == 128 and result["shapes"]["num_hidden_layers"] == 2
     runs = {r["name"]: r for r in result["runs"]}
     assert set(runs) == {"trainpy-16gb", "baseline"}
-    for name, run in runs.items():
+    for run in runs.values():
         assert "error" not in run, run  # a worker that failed (e.g. a train.py helper gone) leaves only an error
         assert run["steps_timed"] == 1 and run["tokens_timed"] > 0 and run["tokens_per_s"] > 0, run
         assert run["flops_per_token"] > 0 and run["device"] == "CPU"
