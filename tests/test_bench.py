@@ -11,12 +11,13 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench(script, *args):
-    """Run bench/<script> with this interpreter; its combined output, or a failure showing the output's tail."""
+def bench(tmp_path, script, *args):
+    """Run bench/<script> with this interpreter, its temporary folders under tmp_path; its combined output, or a
+    failure showing the output's tail."""
     # One torch thread: these shapes gain nothing from two, and on a shared 2-core machine two threads spin against
     # each other (bench_train --tiny at load 5: 10.9 s per step with two, 2.5 s with one).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1"}
+           "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *map(str, args)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
     assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}"
@@ -39,7 +40,7 @@ def number(cell):
 def test_bench_train_tiny(tmp_path, demo_model_dir):
     out = tmp_path / "bench_train.json"
     # --baseline-packing auto: the baseline runs train.check_packing_isolation too. One timed step after one untimed.
-    printed = bench("bench_train.py", "--tiny", "--steps", 1, "--baseline-packing", "auto", "--out", out,
+    printed = bench(tmp_path, "bench_train.py", "--tiny", "--steps", 1, "--baseline-packing", "auto", "--out", out,
                     "--model-dir", tmp_path / "model")
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["seq"] == 128 and result["shapes"]["num_hidden_layers"] == 2
@@ -56,7 +57,7 @@ def test_bench_train_tiny(tmp_path, demo_model_dir):
 
 
 def test_bench_build_tiny(tmp_path):
-    printed = bench("bench_build.py", "--tiny", "--keep", tmp_path)
+    printed = bench(tmp_path, "bench_build.py", "--tiny", "--keep", tmp_path)
     for which in ("baseline", "build"):
         _, wall, rows_per_s, cpu, peak, rows_out = table_row(printed, which)
         assert number(rows_per_s) > 0 and number(peak) > 0 and number(rows_out) > 0
@@ -66,8 +67,8 @@ def test_bench_build_tiny(tmp_path):
     assert (tmp_path / "baseline" / "train.jsonl").is_file()
 
 
-def test_bench_attention_tiny():
-    printed = bench("bench_attention.py", "--tiny")
+def test_bench_attention_tiny(tmp_path):
+    printed = bench(tmp_path, "bench_attention.py", "--tiny")
     assert "6 segments" in printed and "float32; CPU" in printed
     for tensor in ("output", "dQ", "dK", "dV"):  # fp32, same maths: per-segment SDPA = one block-causal call
         _, gap, largest = table_row(printed, tensor)
@@ -77,7 +78,7 @@ def test_bench_attention_tiny():
 
 
 def test_check_grad_accum_tiny(tmp_path, demo_model_dir):
-    printed = bench("check_grad_accum.py", "--tiny", "--model-dir", tmp_path / "model")
+    printed = bench(tmp_path, "check_grad_accum.py", "--tiny", "--model-dir", tmp_path / "model")
     for trainer in ("train.py (token mean per step)", "plain TRL SFTTrainer"):
         gap = number(table_row(printed, trainer)[1])
         # train.py's trainer: exact (fp32 summation order, as tests/test_grad_accum.py's RTOL); plain TRL on a
@@ -89,7 +90,7 @@ def test_bench_eval_tiny(tmp_path, demo_model_dir):
     out = tmp_path / "bench" / "bench_eval.json"
     # No split built and no run under tmp_path: synthetic rows and the demo base model, served by deploy.py's
     # transformers engine. The fewest rows that still run every pass.
-    printed = bench("bench_eval.py", "--tiny", "--samples", 4, "--ppl-baseline-samples", 2,
+    printed = bench(tmp_path, "bench_eval.py", "--tiny", "--samples", 4, "--ppl-baseline-samples", 2,
                     "--gen-baseline-samples", 1, "--out", out, "--set", f"output.dir={tmp_path / 'outputs'}",
                     "--set", f"output.reports_dir={tmp_path / 'reports'}",
                     "--set", f"data.processed_dir={tmp_path / 'processed'}", "--set", "eval.max_new_tokens=4")
