@@ -3,7 +3,7 @@
 #   ./run.sh              set up .venv, then run the whole pipeline on the shipped data:
 #                         build -> check -> train -> evaluate base vs tuned -> deploy + test + perf.
 #                         GPU (nvidia-smi finds one): the real model. CPU: the bundled SmolLM2 demo profile.
-#   ./run.sh test         set up .venv, then run the test suite.
+#   ./run.sh test         set up .venv, then lint (ruff check ., rules in pyproject.toml) and run the test suite.
 #   ./run.sh doctor       check this machine (driver, packages, disk, hubs, memory); installs nothing.
 # Extra arguments after the first are passed to every script, e.g. ./run.sh all --set training.max_steps=10
 set -euo pipefail
@@ -54,6 +54,7 @@ P=(${PROFILE:+--profile "$PROFILE"} "$@")
 
 case "$MODE" in
   test)
+    $PY -m ruff check .  # a finding fails here, before the ~8 min suite
     exec $PY -m pytest -q tests ;;
   all)
     echo "== Profile: ${PROFILE:-default (GPU)}"

@@ -46,6 +46,7 @@ def load_tests(cfg):
 
 def seed_all(seed):
     import random
+
     import torch
     random.seed(seed)
     torch.manual_seed(seed)

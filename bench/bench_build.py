@@ -14,6 +14,7 @@ Targets (issue 2): build at least 2x faster than the baseline in the same run, u
     python bench/bench_build.py                  # 1,000,000 rows, a few minutes on 2 cores
     python bench/bench_build.py --rows 200000    # quicker
     python bench/bench_build.py --keep DIR       # keep the generated data and outputs in DIR
+    python bench/bench_build.py --tiny           # smoke test: 2,000 rows (targets not meaningful at that size)
 """
 
 import argparse
@@ -130,8 +131,8 @@ def baseline(folder, out, seed=42):
 
 
 def build(folder, out):
-    import config
     import build_datasets
+    import config
     sources = {
         "cmath": {"format": "cmath", "local": os.path.join(folder, "cmath_dev.jsonl"), "weight": SHARES["cmath"],
                   "tags": ["math", "zh"]},
@@ -189,7 +190,9 @@ def measure(which, folder, out):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rows", type=int, default=1_000_000, help="generated rows over the three pools")
+    parser.add_argument("--rows", type=int, default=None, help="generated rows over the three pools (default "
+                                                                "1,000,000; --tiny 2,000)")
+    parser.add_argument("--tiny", action="store_true", help="smoke test: 2,000 rows unless --rows")
     parser.add_argument("--keep", default=None, help="folder for data and outputs (kept); default: a temp dir")
     parser.add_argument("--child", choices=["baseline", "build"], help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -197,6 +200,7 @@ def main():
     args = parser.parse_args()
     if args.child:
         return child(args.child, args.data, args.out)
+    args.rows = args.rows or (2_000 if args.tiny else 1_000_000)
 
     work = args.keep or tempfile.mkdtemp(prefix="bench_build_")
     data = os.path.join(work, "raw")

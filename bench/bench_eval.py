@@ -14,9 +14,10 @@ it holds fewer than --samples rows), or synthetic math / JSON / chat rows when n
 The server: --endpoint URL (e.g. vLLM from `python deploy.py serve`), or one started here with deploy.py on
 --model-dir (default: outputs/<newest run>/merged, else the base model) after the in-process passes
 have freed their memory. In process, the same weights: --model-dir, else base + the newest adapter.
-Writes reports/bench/bench_eval.json (and serve.log when it starts the server).
+Writes --out (default reports/bench/bench_eval.json) and, when it starts the server, serve.log beside it.
 
     python bench/bench_eval.py --profile demo --set eval.max_new_tokens=32     # CPU (a few minutes)
+    python bench/bench_eval.py --tiny --out /tmp/e.json                        # CPU smoke test (see --tiny)
     python bench/bench_eval.py                                                 # GPU, the real model
     python bench/bench_eval.py --endpoint http://127.0.0.1:8000/v1 --endpoint-model qwen3-4b-sft
 """
@@ -145,8 +146,19 @@ def main():
     parser.add_argument("--model-dir", help="a full model folder to load and serve (default: the newest run's "
                                             "merged/, else the base)")
     parser.add_argument("--skip", choices=["ppl", "gen"], action="append", default=[], help="skip a part")
+    parser.add_argument("--out", default=None, help="the results JSON (default <output.reports_dir>/bench/"
+                                                    "bench_eval.json); serve.log goes beside it")
+    parser.add_argument("--tiny", action="store_true",
+                        help="smoke test: the demo profile (unless --profile), 8 samples (per-sample PPL 4, "
+                             "sequential generate 2), eval.max_new_tokens=8 (unless --set), 4 requests in flight")
     config.add_config_args(parser)
     args = parser.parse_args()
+    if args.tiny:
+        args.profile = args.profile or "demo"
+        args.overrides = ["eval.max_new_tokens=8", *args.overrides]
+        args.samples, args.concurrency = min(args.samples, 8), min(args.concurrency, 4)
+        args.ppl_baseline_samples = 4 if args.ppl_baseline_samples is None else args.ppl_baseline_samples
+        args.gen_baseline_samples = args.gen_baseline_samples or 2
     common.import_unsloth_first()  # on a GPU: before anything imports transformers (Unsloth patches them)
     cfg = config.resolve(args, parser, quiet=True)
     seed = cfg["training"]["seed"]
@@ -163,8 +175,9 @@ def main():
     adapter = os.path.join(run, "adapter") if run and not model_dir else None
     if args.endpoint:
         ev.check_endpoint(args.endpoint)
-    out_dir = common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], "bench"))
-    os.makedirs(out_dir, exist_ok=True)
+    out = os.path.abspath(args.out or common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], "bench",
+                                                                       "bench_eval.json")))
+    os.makedirs(os.path.dirname(out), exist_ok=True)
     rows, origin = bench_rows(cfg, args.samples, seed)
     print(f"bench_eval: {len(rows)} samples from {origin}; device: {'cuda' if gpu else 'cpu'} "
           f"({platform.processor() or platform.machine()}, {os.cpu_count()} cores)")
@@ -206,7 +219,7 @@ def main():
                 print("note: no merged model in the newest run: the server serves the base (run `python deploy.py "
                       "merge` to time the tuned model)")
             cfg["deploy"]["port"] = deploy.free_port(cfg["deploy"]["host"])
-            proc = deploy.start_server(cfg, serve_dir, os.path.join(out_dir, "serve.log"))
+            proc = deploy.start_server(cfg, serve_dir, os.path.join(os.path.dirname(out), "serve.log"))
             url, name = proc.url, proc.model
         try:
             gen_rows = [rows[i] for i in gen_idx]
@@ -240,7 +253,6 @@ def main():
         print(f"  (for reference: in-process generate batched by {gen['inprocess_batch_size']}: "
               f"{gen['inprocess_batched_s']} s, extrapolated from {len(seq_rows)})")
 
-    out = os.path.join(out_dir, "bench_eval.json")
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False, indent=2)
     print(f"written: {out}")

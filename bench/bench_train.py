@@ -11,7 +11,7 @@ process: Unsloth patches transformers when imported, and the baseline must not s
 
     python bench/bench_train.py                      # GPU: the runs below, then the table
     python bench/bench_train.py --only trainpy-16gb  # one run; results merge into --out by name
-    python bench/bench_train.py --tiny               # CPU smoke test: tiny shapes, seq 256, 4 steps
+    python bench/bench_train.py --tiny --out /tmp/b.json  # CPU smoke test: tiny shapes, seq 128, 4 x 2 steps
 
 Runs (VARIANTS): trainpy-<card> (train.py with that memory profile, in a process capped to what torch reports for
 such a card, so a profile that would not fit there runs out of memory here too), trainpy-16gb-* (other settings
@@ -62,6 +62,9 @@ VARIANTS = {
     "unsloth-bare": (None, None, []),
     "baseline": (None, None, []),
 }
+# --tiny: 2 x 2 sequences per optimizer step (not train.py's 16), so a step takes ~1 s on a CPU instead of ~25.
+TINY_SEQUENCES_PER_STEP = 4
+TINY_BATCH = ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"]
 GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-1x16", "trainpy-24gb", "trainpy-40gb",
             "trainpy-80gb", "unsloth-bare"]
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not has but "
@@ -221,7 +224,7 @@ def run_trainpy(a, shapes, ds, lengths, peak):
                                      f"training.memory_profile={profile}",
                                      f"training.max_steps={a.warmup + a.steps + a.trace}",
                                      "training.save_steps=1000000", "training.logging_steps=1",
-                                     f"lora.r={a.lora_r}", *overrides, *a.set])
+                                     f"lora.r={a.lora_r}", *(TINY_BATCH if a.tiny else []), *overrides, *a.set])
     allocator = train.use_expandable_segments(cfg)  # as train.py's main does, before CUDA allocates
     cap_card(train, cap)
     backend, why = train.pick_backend(cfg)
@@ -260,8 +263,8 @@ def run_unsloth_bare(a, shapes, ds, lengths, peak):
     seven projections, its offloaded checkpointing), TRL SFTTrainer with batch 2 x 4, adamw_8bit, packing on.
     Our data as it is (input_ids + labels), so the tokens are the same; none of train.py's settings."""
     import unsloth  # noqa: F401  (before transformers / trl / peft)
-    from unsloth import FastLanguageModel
     from trl import SFTConfig, SFTTrainer
+    from unsloth import FastLanguageModel
     model, tokenizer = FastLanguageModel.from_pretrained(model_name=a.model_dir, max_seq_length=a.seq,
                                                          load_in_4bit=True)
     model = FastLanguageModel.get_peft_model(model, r=a.lora_r, lora_alpha=a.lora_r, lora_dropout=0,
@@ -287,6 +290,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
     from trl import SFTConfig
+
     import train  # only for the packing-isolation check and the trainer constructor (plain SFTTrainer)
     cuda = torch.cuda.is_available()
     kwargs = {"dtype": torch.bfloat16 if cuda else torch.float32}
@@ -301,7 +305,8 @@ def run_baseline(a, shapes, ds, lengths, peak):
     model = get_peft_model(model, LoraConfig(r=a.lora_r, lora_alpha=2 * a.lora_r, lora_dropout=dropout,
                                              target_modules=config.LINEAR_PROJECTIONS, task_type="CAUSAL_LM"))
     tokenizer = AutoTokenizer.from_pretrained(a.model_dir)
-    accum = max(1, 16 // a.baseline_batch)  # 16 sequences per optimizer step, as train.py's defaults
+    # Sequences per optimizer step as in the train.py runs: 16 (train.py's defaults), --tiny 4
+    accum = max(1, (TINY_SEQUENCES_PER_STEP if a.tiny else 16) // a.baseline_batch)
 
     def sft_config(packing):
         return SFTConfig(output_dir=tempfile.mkdtemp(prefix="bench-"), per_device_train_batch_size=a.baseline_batch,
@@ -327,6 +332,7 @@ def run_baseline(a, shapes, ds, lengths, peak):
 def worker(a):
     import datasets
     import torch
+
     import train
     # The allocator reads PYTORCH_CUDA_ALLOC_CONF once, when CUDA starts (peak_flops below starts it): as early as
     # train.py's main, from the config's default (a --set or the variable itself still wins). Not for the bare
@@ -372,12 +378,13 @@ def table(results, reference):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Qwen3 shapes, seq 256, 4 steps")
+    parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Qwen3 shapes, seq 128, 2 x 2 sequences per "
+                        "step, 1 + 3 steps")
     parser.add_argument("--only", nargs="+", choices=list(VARIANTS),
                         help=f"run only these (results merge into --out by name); default {' '.join(GPU_RUNS)}")
     parser.add_argument("--bare-steps", type=int, default=20,
                         help="timed steps for unsloth-bare (it plans attention per new segment length: >= 20)")
-    parser.add_argument("--seq", type=int, default=None, help="max_seq_length (default 2048; --tiny 256)")
+    parser.add_argument("--seq", type=int, default=None, help="max_seq_length (default 2048; --tiny 128)")
     parser.add_argument("--steps", type=int, default=None, help="timed optimizer steps (default 10; --tiny 3)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed optimizer steps first (default 3; --tiny 1)")
     parser.add_argument("--lora-r", type=int, default=16)
@@ -404,7 +411,7 @@ def main():
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     a = parser.parse_args()
-    a.seq = a.seq or (256 if a.tiny else 2048)
+    a.seq = a.seq or (128 if a.tiny else 2048)
     a.steps = a.steps or (3 if a.tiny else 10)
     a.warmup = max(1, a.warmup if a.warmup is not None else (1 if a.tiny else 3))  # timing starts after a step
     if a.worker:

@@ -2,26 +2,28 @@
 
 Each file is in its source's real raw layout (see build_datasets.py) with a few exact duplicates and a few
 deliberately broken rows, so a build shows every reject reason. Deterministic: running it again rewrites
-the same bytes. The generated files are committed; rerun after editing the content below:
+the same bytes (tests/test_make_samples.py checks the shipped files against it). The generated files are
+committed; rerun after editing the content below:
 
-    python dataset/raw/make_samples.py
+    python make_samples.py              # rewrites dataset/raw/* and dataset/eval/qa.jsonl
+    python make_samples.py --out DIR    # writes DIR/raw/* and DIR/eval/qa.jsonl instead
 """
 
+import argparse
 import json
 import os
 import random
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-EVAL = os.path.join(os.path.dirname(HERE), "eval", "qa.jsonl")
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def dumps(row):
     return json.dumps(row, ensure_ascii=False)
 
 
-def write_lines(name, lines):
+def write_lines(folder, name, lines):
     """lines: str (written as UTF-8) or bytes (written as is, e.g. a broken encoding)."""
-    with open(os.path.join(HERE, name), "wb") as f:
+    with open(os.path.join(folder, name), "wb") as f:
         for line in lines:
             f.write((line if isinstance(line, bytes) else line.encode("utf-8")) + b"\n")
 
@@ -54,7 +56,7 @@ def cmath_rows():
     return rows
 
 
-def write_cmath():
+def write_cmath(folder):
     rows = cmath_rows()
     lines = [dumps(r) for r in rows]
     lines.insert(7, dumps(rows[3]))  # exact duplicate
@@ -67,7 +69,7 @@ def write_cmath():
                             "golden": ""}))  # empty answer
     lines.append(dumps({"grade": 2, "reasoning_step": 1, "num_digits": 2,
                         "question": "一个班有\x0718个男生和16个女生，\t\n这个班一共有多少人？  ", "golden": "34 "}))
-    write_lines("cmath_dev.jsonl", lines)
+    write_lines(folder, "cmath_dev.jsonl", lines)
 
 
 # ---------------------------------------------------------------- MAWPS (MAWPS.csv layout)
@@ -97,7 +99,7 @@ MAWPS_TEMPLATES = [
 MAWPS_NUMBERS = [(24, 8), (35, 7), (42, 6), (60, 12), (72, 9)]
 
 
-def write_mawps():
+def write_mawps(folder):
     import csv
     import io
     rows = []
@@ -116,7 +118,7 @@ def write_mawps():
     writer.writerows(rows)
     lines = buf.getvalue().rstrip("\n").split("\n")
     lines.insert(40, b"Lee had N_00 caf\xe9s to visit and saw N_01 . How many are left ?,N_00 - N_01,2.0,5.0 3.0")
-    write_lines("MAWPS.csv", lines)
+    write_lines(folder, "MAWPS.csv", lines)
 
 
 # ---------------------------------------------------------------- emoji chat (question / answer_zh / answer_en)
@@ -186,7 +188,7 @@ EMOJI = [
 ]
 
 
-def write_emoji():
+def write_emoji(folder):
     rows = [{"question": q, "answer_zh": zh, "answer_en": en} for q, zh, en in EMOJI]
     lines = [dumps(r) for r in rows]
     lines.insert(10, dumps(rows[2]))  # exact duplicate
@@ -195,7 +197,7 @@ def write_emoji():
     # "今天吃什么？" / "火锅" saved as GBK, not UTF-8
     lines.insert(25, b'{"question": "\xbd\xf1\xcc\xec\xb3\xd4\xca\xb2\xc3\xb4\xa3\xbf", '
                      b'"answer_zh": "\xbb\xf0\xb9\xf8", "answer_en": "Hot pot"}')
-    write_lines("emoji.jsonl", lines)
+    write_lines(folder, "emoji.jsonl", lines)
 
 
 # ---------------------------------------------------------------- alpaca (JSON array, instruction/input/output)
@@ -249,7 +251,7 @@ ALPACA_JSON = [
 ]
 
 
-def write_alpaca():
+def write_alpaca(folder):
     records = [{"instruction": i, "input": x, "output": o} for i, x, o in ALPACA]
     records += [{"instruction": i, "input": x, "output": json.dumps(o, ensure_ascii=False)} for i, x, o in ALPACA_JSON]
     records.insert(4, {"instruction": "Answer briefly.", "input": "What is the boiling point of water at sea level?",
@@ -258,7 +260,7 @@ def write_alpaca():
     records.insert(20, {"instruction": "Describe the ocean.", "input": "", "output": ""})  # empty answer
     records.insert(25, {"input": "", "output": "Blue."})  # no instruction
     records.insert(30, {"instruction": "List two fruits.", "input": "", "output": ["apple", "pear"]})  # wrong type
-    with open(os.path.join(HERE, "alpaca.json"), "w", encoding="utf-8") as f:
+    with open(os.path.join(folder, "alpaca.json"), "w", encoding="utf-8") as f:
         json.dump(records, f, ensure_ascii=False, indent=4)
         f.write("\n")
 
@@ -321,7 +323,7 @@ SHAREGPT_TOOLS = [
 ]
 
 
-def write_sharegpt():
+def write_sharegpt(folder):
     lines = []
     for chat in SHAREGPT_CHATS:
         lines.append(dumps({"conversations": [{"from": f, "value": v} for f, v in chat]}))
@@ -343,7 +345,7 @@ def write_sharegpt():
     lines.insert(21, dumps({"conversations": [{"from": "human", "value": "Check the weather."},
                                               {"from": "observation", "value": "{\"temp_c\": 3}"},
                                               {"from": "gpt", "value": "It is 3 °C."}]}))  # result without a call
-    write_lines("sharegpt.jsonl", lines)
+    write_lines(folder, "sharegpt.jsonl", lines)
 
 
 # ---------------------------------------------------------------- OpenAI messages (tools, tool_calls, reasoning)
@@ -470,12 +472,12 @@ MESSAGES_BROKEN = [
 ]
 
 
-def write_messages():
+def write_messages(folder):
     lines = [dumps(r) for r in MESSAGES]
     lines.insert(11, lines[2])  # exact duplicate
     for at, line in MESSAGES_BROKEN:
         lines.insert(at, line)
-    write_lines("messages.jsonl", lines)
+    write_lines(folder, "messages.jsonl", lines)
 
 
 # ---------------------------------------------------------------- json-only (generated, messages layout)
@@ -521,11 +523,11 @@ def json_only_rows(rng):
     return rows
 
 
-def write_json_only():
+def write_json_only(folder):
     rows = json_only_rows(random.Random(1234))
     lines = [dumps(r) for r in rows]
     lines.insert(30, lines[5])  # exact duplicate
-    write_lines("json_only.jsonl", lines)
+    write_lines(folder, "json_only.jsonl", lines)
     return rows
 
 
@@ -547,7 +549,7 @@ EVAL_QA = [
 ]
 
 
-def write_eval(json_rows):
+def write_eval(path, json_rows):
     rows = [{"messages": [msg("user", q), msg("assistant", a)], "tags": ["json-only"] if a.startswith("{") else []}
             for q, a in EVAL_QA]
     # Prompts that also sit in the raw samples, so the decontamination check has something to flag: one exact,
@@ -556,24 +558,25 @@ def write_eval(json_rows):
     answers = [cmath_rows()[0]["golden"], "Paris.", json_rows[0]["messages"][1]["content"]]
     rows += [{"messages": [msg("user", q), msg("assistant", a)], "tags": ["overlap-check"]}
              for q, a in zip(overlap, answers)]
-    os.makedirs(os.path.dirname(EVAL), exist_ok=True)
-    with open(EVAL, "w", encoding="utf-8") as f:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
         for row in rows:
             f.write(dumps(row) + "\n")
 
 
 def main():
-    write_cmath()
-    write_mawps()
-    write_emoji()
-    write_alpaca()
-    write_sharegpt()
-    write_messages()
-    write_eval(write_json_only())
-    for name in sorted(os.listdir(HERE)):
-        if not name.endswith(".py"):
-            with open(os.path.join(HERE, name), "rb") as f:
-                print(f"{name}: {sum(1 for _ in f)} lines")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default=os.path.join(ROOT, "dataset"), help="writes OUT/raw/* and OUT/eval/qa.jsonl "
+                                                                             "(default: the repo's dataset/)")
+    out = parser.parse_args().out
+    raw = os.path.join(out, "raw")
+    os.makedirs(raw, exist_ok=True)
+    for write in (write_cmath, write_mawps, write_emoji, write_alpaca, write_sharegpt, write_messages):
+        write(raw)
+    write_eval(os.path.join(out, "eval", "qa.jsonl"), write_json_only(raw))
+    for name in sorted(os.listdir(raw)):
+        with open(os.path.join(raw, name), "rb") as f:
+            print(f"{os.path.join(raw, name)}: {sum(1 for _ in f)} lines")
 
 
 if __name__ == "__main__":
