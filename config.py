@@ -351,7 +351,7 @@ def set_key(cfg, key, value):
         raise ConfigError(f"{key} is a section: set its keys one by one, e.g. --set {example}=...")
     # cfg["profile"] is bookkeeping (chosen with --profile), not a key: only paths under CONFIG's sections.
     node = cfg if parts[0] in CONFIG else {}
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if not isinstance(node, dict) or part not in node:
             break
         node = node[part]

@@ -922,6 +922,7 @@ def parity_device(cfg, folders):
     """(device, dtype) of the in-process models, loaded one at a time: the GPU in 16-bit when it has 1.5× the largest
     folder's weights free beside the server (deploy.parity_device auto), else the CPU in fp32."""
     import glob
+
     import torch
     choice = cfg["deploy"]["parity_device"]
     if choice not in ("auto", "cuda", "cpu"):

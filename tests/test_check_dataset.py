@@ -143,7 +143,7 @@ def test_clean_file_passes_and_show_marks_exactly_the_assistant_tokens():
     assert "\033[" not in proc.stdout  # not a terminal: plain markers
     samples = proc.stdout.split("── sample ")[1:]
     assert len(samples) == len(rows)
-    for sample, (messages, tools) in zip(samples, rows):
+    for sample, (messages, _tools) in zip(samples, rows):
         body = sample.split("──\n", 1)[1].split("\n\nToken lengths")[0].rstrip("\n") + "\n"
         assert re.findall(r"⟦(.*?)⟧", body, re.S) == expected_loss_texts(messages)
 

@@ -22,7 +22,6 @@ import common
 import config
 import deploy
 
-
 # ---------------------------------------------------------------- fixtures
 
 @pytest.fixture(scope="session")

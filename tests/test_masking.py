@@ -5,7 +5,6 @@ The expected loss of every case is written down by hand: the text of each traine
 then pins where each loss run sits: right after the "<|im_start|>assistant\n" header (ids 151644 77091 198)
 and ending with "<|im_end|>\n" (151645 198), with nothing else carrying loss."""
 
-import json
 
 import pytest
 
