@@ -1454,7 +1454,7 @@ def serve_forever(proc):
         stop_server(proc)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("step", choices=["merge", "serve", "test", "perf", "all"])
     parser.add_argument("--run", action="append",
@@ -1476,6 +1476,47 @@ def main():
         cfg["deploy"]["engine"] = args.engine
     if args.tensor_parallel_size:
         cfg["deploy"]["tensor_parallel_size"] = args.tensor_parallel_size
+    return args, cfg
+
+
+def merge_command(args, targets):
+    """`deploy.py merge` for exactly these targets' runs and adapter, with this process's profile and --set."""
+    cmd = [sys.executable, os.path.abspath(__file__), "merge"]
+    cmd += [x for t in targets for x in ("--run", t["run"])] + (["--adapter", args.adapter] if args.adapter else [])
+    cmd += ["--no-gguf"] * args.no_gguf + (["--profile", args.profile] if args.profile else [])
+    return cmd + [x for o in args.overrides for x in ("--set", o)]
+
+
+def merge_step(cfg, args, targets):
+    if args.step == "all" and common.has_cuda():
+        # A merge process of its own: Unsloth keeps references to the models it loaded, and vLLM refuses to start
+        # while ~12 GB of this process's GPU memory is still held (seen on an H100).
+        subprocess.run(merge_command(args, targets), check=True)
+        return
+    for t in targets:
+        merge(cfg, t["run"], t["train_cfg"], gguf=not args.no_gguf, adapter_dir=t["adapter"])
+
+
+def test_and_perf(cfg, args, targets):
+    """`test` and/or `perf` of every served name against the running server; every name is tested even after one
+    fails."""
+    failed = []
+    for t in targets:
+        t["served_dir"] = running_server_folder(cfg, t, args.lora)
+        try:
+            if args.step in ("test", "all"):
+                check_endpoint(cfg, t, os.path.join(t["reports"], "deploy_test.json"), t["log"])
+        except DeployError as err:
+            failed.append(f"{t['name']}: {err}")
+    if failed:
+        raise DeployError("; ".join(failed))
+    if args.step in ("perf", "all"):
+        for t in targets:
+            run_perf(cfg, t["served_dir"], t["reports"], t["name"])
+
+
+def main():
+    args, cfg = parse_args()
     try:
         # Fail before any heavy work (vLLM missing, no GPU); test/perf ask the running server instead.
         engine = resolve_engine(cfg) if args.step in ("serve", "all") else None
@@ -1489,48 +1530,30 @@ def main():
                                       "versions": common.package_versions()})
         if args.step == "merge" and targets[0]["run"] is None:
             raise DeployError("--model names a folder to serve as it is; merge takes a training run (--run)")
-        if args.step in ("merge", "all") and not (args.model or args.lora):
-            if args.step == "all" and common.has_cuda():
-                # A merge process of its own: Unsloth keeps references to the models it loaded, and vLLM
-                # refuses to start while ~12 GB of this process's GPU memory is still held (seen on an H100).
-                argv = sys.argv[1:]
-                argv[argv.index("all")] = "merge"
-                subprocess.run([sys.executable, os.path.abspath(__file__), *argv], check=True)
-            else:
-                for t in targets:
-                    merge(cfg, t["run"], t["train_cfg"], gguf=not args.no_gguf, adapter_dir=t["adapter"])
+        if args.step in ("merge", "all") and not (args.model or args.lora):  # those serve what is there
+            merge_step(cfg, args, targets)
         if args.step == "merge":
             return
         if args.step == "serve":
-            model_dir, adapters = serve_plan(args, targets)
-            serve_forever(start_server(cfg, model_dir, targets[0]["log"], adapters))
+            serve_forever(start_server(cfg, *serve_plan_for_start(args, targets)))
             return
-        proc = None
-        if args.step == "all":
-            model_dir, adapters = serve_plan(args, targets)
-            proc = start_server(cfg, model_dir, targets[0]["log"], adapters)
-        elif not server_up(cfg):
+        proc = start_server(cfg, *serve_plan_for_start(args, targets)) if args.step == "all" else None
+        if proc is None and not server_up(cfg):
             raise DeployError(f"no server answers at {endpoint_url(cfg)}; start one with `python deploy.py serve` "
                               f"(or `all` to serve, test and perf in one go)")
         try:
-            failed = []
-            for t in targets:  # every served name is tested, even after one fails
-                t["served_dir"] = running_server_folder(cfg, t, args.lora)
-                try:
-                    if args.step in ("test", "all"):
-                        check_endpoint(cfg, t, os.path.join(t["reports"], "deploy_test.json"), t["log"])
-                except DeployError as err:
-                    failed.append(f"{t['name']}: {err}")
-            if failed:
-                raise DeployError("; ".join(failed))
-            if args.step in ("perf", "all"):
-                for t in targets:
-                    run_perf(cfg, t["served_dir"], t["reports"], t["name"])
+            test_and_perf(cfg, args, targets)
         finally:
             if proc is not None:
                 stop_server(proc)
     except (DeployError, common.DataError) as err:
         sys.exit(f"error: {err}")
+
+
+def serve_plan_for_start(args, targets):
+    """start_server's (model folder, log path, adapters) for these targets."""
+    model_dir, adapters = serve_plan(args, targets)
+    return model_dir, targets[0]["log"], adapters
 
 
 if __name__ == "__main__":

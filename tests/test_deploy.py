@@ -762,3 +762,14 @@ def test_16bit_merge_check_ignores_ties_but_catches_clear_flips():
     assert ok["passed"] and ok["top1_positions"] == 1 and ok["top1_agreement"] == 1.0
     bad = deploy.compare_logits([ref], [clear_flipped], "bfloat16")
     assert not bad["passed"] and bad["top1_agreement"] == 0.0
+
+
+def test_all_merges_in_a_process_of_its_own_with_explicit_arguments():
+    """`all` on a GPU merges in a child process. Its command names the runs this process resolved and its own
+    options; it used to be argv with the first "all" replaced, even a run named all."""
+    args = argparse.Namespace(step="all", run=["all"], adapter="outputs/all/checkpoints/checkpoint-4", no_gguf=True,
+                              profile="demo", overrides=["deploy.port=9001"])
+    cmd = deploy.merge_command(args, [{"run": "/work/outputs/all"}])
+    assert cmd == [sys.executable, os.path.abspath(deploy.__file__), "merge", "--run", "/work/outputs/all",
+                   "--adapter", "outputs/all/checkpoints/checkpoint-4", "--no-gguf", "--profile", "demo",
+                   "--set", "deploy.port=9001"]
