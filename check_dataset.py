@@ -175,22 +175,8 @@ def check_schema(row):
 
 
 def check_call(call):
-    """Why one tool call is malformed (OpenAI style: {id, type, function: {name, arguments}}), or None."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return f"tool call must be {{\"type\": \"function\", \"function\": {{name, arguments}}}}: " \
-               f"{json.dumps(call, ensure_ascii=False)[:80]}"
-    fn = call["function"]
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
-        return f"tool call without a function name: {json.dumps(call, ensure_ascii=False)[:80]}"
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return f"tool call {fn['name']}: arguments are not valid JSON: {args[:60]!r}"
-    if not isinstance(args, dict):
-        return f"tool call {fn['name']}: arguments must be a JSON object, got {type(args).__name__}"
-    return None
+    """Why one tool call of a built row is malformed, or None: common.parse_tool_call, the rule the build uses."""
+    return common.parse_tool_call(call)[1]
 
 
 def check_roles(messages):
@@ -533,6 +519,7 @@ def load_checked_tokenizer(cfg):
     return tokenizer
 
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="JSONL files or save_to_disk folders (default: the built splits)")

@@ -47,7 +47,7 @@ class RowError(ValueError):
     """A row-level data problem: the row goes to rejects.jsonl with this reason."""
 
 
-class BuildError(Exception):
+class BuildError(common.UserError):
     """A problem with the configuration or a whole input: the build stops with this message."""
 
 
@@ -58,7 +58,7 @@ def hub_offline():
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def hub_reachable(repo, timeout):
+def hf_dataset_reachable(repo, timeout):
     """One short metadata request; any network failure means "use the local copy"."""
     import httpx
     from huggingface_hub import HfApi, errors
@@ -78,7 +78,7 @@ def plan_inputs(name, src, cfg):
             if use_hub is True:
                 raise BuildError(f"data.use_hub is True but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set (source "
                                  f"{name}): unset it, or use --set data.use_hub=auto to fall back to local files")
-        elif use_hub is True or hub_reachable(src["hub"], cfg["data"]["hub_timeout_s"]):
+        elif use_hub is True or hf_dataset_reachable(src["hub"], cfg["data"]["hub_timeout_s"]):
             files = src.get("data_files") or [None]
             return [(f"hub:{src['hub']}" + (f"/{f}" if f else ""), "hub", (src["hub"], f)) for f in files]
     if not src.get("local"):
@@ -579,22 +579,11 @@ def content_text(content, where):
 
 
 def tool_call(call, n):
-    if not isinstance(call, dict):
-        raise RowError(f"wrong type: tool call is {type(call).__name__}, expected an object")
-    fn = call.get("function") if isinstance(call.get("function"), dict) else call
-    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters"))
-    if not isinstance(name, str) or not name:
-        raise RowError("tool call without a function name")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise RowError(f"tool call arguments of {name!r} are not valid JSON") from None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise RowError(f"wrong type: arguments of {name!r} are {type(args).__name__}, expected an object")
-    return {"type": "function", "id": str(call.get("id") or f"call_{n}"), "function": {"name": name, "arguments": args}}
+    """A raw tool call in the built layout; the rule (and its reasons) is common.parse_tool_call's."""
+    parsed, problem = common.parse_tool_call(call, n, flat=True)
+    if problem:
+        raise RowError(problem)
+    return parsed
 
 
 def tool_schemas(tools):

@@ -22,7 +22,6 @@ for the base answers (PEFT disable_adapter), reseeding before each side so both 
 import argparse
 import itertools
 import shutil
-import sys
 import unicodedata
 
 import common
@@ -40,7 +39,7 @@ def load_tests(cfg):
     tests = common.load_json_list(path, "tests", "eval.tests_file", "predefined tests file")
     for k, t in enumerate(tests):
         if not t.get("messages") or t["messages"][-1].get("role") != "user":
-            sys.exit(f"error: {path}: test #{k + 1} ({t.get('name', '?')}) must end with a user message")
+            raise common.UserError(f"{path}: test #{k + 1} ({t.get('name', '?')}) must end with a user message")
     return tests
 
 
@@ -164,6 +163,7 @@ def chat(model, tokenizer, settings, sides, seed):
 
 # ---------------------------------------------------------------- main
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="adapter folder: outputs/<run>[/adapter | /adapter_last | "

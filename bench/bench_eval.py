@@ -130,6 +130,7 @@ def prompt_of(messages):
     return messages[:last]
 
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000, help="validation samples (default 1000)")
@@ -162,7 +163,7 @@ def main():
                                    else None)
     adapter = os.path.join(run, "adapter") if run and not model_dir else None
     if args.endpoint:
-        ev.check_endpoint(args.endpoint)
+        ev.require_server(args.endpoint)
     out_dir = common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], "bench"))
     os.makedirs(out_dir, exist_ok=True)
     rows, origin = bench_rows(cfg, args.samples, seed)

@@ -161,7 +161,7 @@ def collated_samples(trainer):
 def test_trainer_keeps_our_labels(packing, tiny_qwen3_dir, data_dir, tmp_path):
     cfg = tiny_cfg(tiny_qwen3_dir, data_dir)
     model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
-    ds, counts, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, counts, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     args = train.sft_args(cfg, plan, str(tmp_path), packing, has_eval=False)
     trainer = train.build_trainer(model, tokenizer, args, ds)
     assert train.trained_token_count(trainer.train_dataset) == counts["trained_tokens"] > 0
@@ -197,7 +197,7 @@ def test_overlong_rows_keep_whole_turns(qwen_tokenizer, data_dir, tiny_qwen3_dir
     assert counts["dropped_overlong"] == 1 and len(ds) == 3 and rejects[0]["row"] == 0
 
     cfg["sft"]["overlong_policy"] = "fail"
-    with pytest.raises(SystemExit, match=r"train row 0 \(source long\).*tokens > model.max_seq_length"):
+    with pytest.raises(common.UserError, match=r"train row 0 \(source long\).*tokens > model.max_seq_length"):
         train.tokenize_rows(rows, qwen_tokenizer, cfg, "train")
 
 
@@ -247,7 +247,7 @@ def test_saved_adapter_reloads_to_the_same_logits(tiny_qwen3_dir, data_dir, tmp_
     import torch
     cfg = tiny_cfg(tiny_qwen3_dir, data_dir, **{"training.max_steps": 3, "training.learning_rate": 1e-2})
     model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
-    ds, _, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, _, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     trainer = train.build_trainer(model, tokenizer, train.sft_args(cfg, plan, str(tmp_path / "ck"), True, False), ds)
     trainer.train()
     prompt = torch.tensor([common.prompt_ids(tokenizer, [{"role": "user", "content": "What is 2 plus 2?"}])])
@@ -510,7 +510,7 @@ def test_padded_training_when_the_packing_check_fails(tiny_qwen3_dir, data_dir):
                                                                          if k != "position_ids"}), with_kwargs=True)
     packing, note = train.decide_packing(model, tokenizer, cfg, plan)
     assert packing is False and note.startswith("off: packed samples see each other"), note
-    ds, _, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, _, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         trainer = train.build_trainer(model, tokenizer, train.sft_args(cfg, plan, tmp, packing, has_eval=False), ds)
