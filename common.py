@@ -537,6 +537,15 @@ def import_unsloth_first():
 
 # ---- build_datasets.py and check_dataset.py: what a valid conversation is (one rule for both)
 
+def arguments_dict(fn):
+    """A tool call's arguments ({"name", "arguments"} of its function) as a dict: a JSON string is parsed (ValueError
+    when it is not JSON), and an empty string or a missing or null value is {} (a call without arguments)."""
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        return json.loads(args) if args.strip() else {}
+    return {} if args is None else args
+
+
 def parse_tool_call(call, n=0, flat=False):
     """(the call as {"type": "function", "id", "function": {"name", "arguments": dict}}, None), or (None, why it
     is malformed). Arguments may be an object or a JSON string of one; an empty string or null means {}. flat=True
@@ -549,21 +558,18 @@ def parse_tool_call(call, n=0, flat=False):
         shown = json.dumps(call, ensure_ascii=False, default=str)[:80]
         return None, f"tool call must be {{\"type\": \"function\", \"function\": {{name, arguments}}}}: {shown}"
     fn = fn if isinstance(fn, dict) else call
-    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters") if flat else None)
+    name = fn.get("name")
     if not isinstance(name, str) or not name:
         return None, "tool call without a function name"
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except ValueError:
-            return None, f"tool call {name!r}: arguments are not valid JSON: {args[:60]!r}"
-    if args is None:
-        args = {}
+    raw = fn.get("arguments", fn.get("parameters") if flat else None)  # some raw exports name them "parameters"
+    try:
+        args = arguments_dict({"arguments": raw})
+    except ValueError:
+        return None, f"tool call {name!r}: arguments are not valid JSON: {raw[:60]!r}"
     if not isinstance(args, dict):
         return None, f"wrong type: arguments of {name!r} are {type(args).__name__}, expected an object"
     return {"type": "function", "id": str(call.get("id") or f"call_{n}"),
             "function": {"name": name, "arguments": args}}, None
-
 
 
 def conversation_problems(messages):
@@ -658,9 +664,7 @@ def row_to_chat(row):
         if isinstance(calls, str):
             calls = json.loads(calls)
         if calls:
-            out["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])
-                                   if isinstance(c["function"].get("arguments"), str) else c["function"].get("arguments", {})}}
+            out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": arguments_dict(c["function"])}}
                 for c in calls]
         for key in ("tool_call_id", "name"):
             if m.get(key):
