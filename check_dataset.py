@@ -299,17 +299,11 @@ def audit_mask(enc, flags, markers):
     return out, last_end
 
 
-def tokenize_row(tokenizer, messages, tools, sft):
-    return common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                        train_on_turns=sft["train_on_turns"],
-                                        train_tool_calls=sft["train_tool_calls"])
-
-
 def token_checks(tokenizer, markers, messages, tools, cfg):
     """(enc or None, [(class, reason, severity)]) for one structurally valid row."""
     sft, max_len = cfg["sft"], cfg["model"]["max_seq_length"]
     try:
-        enc = tokenize_row(tokenizer, messages, tools, sft)
+        enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
     except (common.DataError, jinja2.TemplateError) as err:
         return None, [("render", f"{type(err).__name__}: {err}", None)]
     out = []

@@ -478,6 +478,13 @@ def tokenize_conversation(tokenizer, messages, tools=None, assistant_only=True, 
     return {"input_ids": ids, "labels": labels, "turn_ends": turn_ends}
 
 
+def tokenize_for_training(tokenizer, messages, tools, sft):
+    """tokenize_conversation with the sft section's loss settings: the mask train.py trains with, which
+    check_dataset.py audits and obj_test_model.py's perplexity scores."""
+    return tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
+                                 train_on_turns=sft["train_on_turns"], train_tool_calls=sft["train_tool_calls"])
+
+
 def prompt_ids(tokenizer, messages, tools=None):
     """Token ids of the prompt for the next assistant turn (generation prompt included)."""
     text = render(tokenizer, messages, tools, add_generation_prompt=True)
@@ -918,7 +925,7 @@ def generate_local(model, tokenizer, chats, settings, batch_size=8, on_text=None
     gen = generation_config(model, tokenizer, settings)
     stops = set(gen.eos_token_id)
     prompts = [prompt_ids(tokenizer, messages, tools) for messages, tools in chats]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batched: less padding
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming (on_text) takes exactly one chat")
     device = next(model.parameters()).device
@@ -926,6 +933,8 @@ def generate_local(model, tokenizer, chats, settings, batch_size=8, on_text=None
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="answer") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            # Left padding: every prompt ends at the last column, so generate appends each row's first new token
+            # right after its own prompt (right padding would put pad tokens between prompt and answer).
             width = max(len(prompts[i]) for i in idx)
             pad = [width - len(prompts[i]) for i in idx]
             input_ids = torch.tensor([[tokenizer.pad_token_id] * p + prompts[i] for p, i in zip(pad, idx)],
@@ -981,6 +990,8 @@ def generate_endpoint(url, model_name, chats, settings, concurrency=16, api_key=
     import time
     from openai import BadRequestError, OpenAI, UnprocessableEntityError
     from tqdm import tqdm
+    # The client refuses to start without a key; a server started without one (vLLM, transformers serve)
+    # accepts any, so "EMPTY" stands in.
     client = OpenAI(base_url=url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=2)
     extras = {"top_k": settings["top_k"], "repetition_penalty": settings["repetition_penalty"]}
     state = {"extra": None if url in ENDPOINTS_WITHOUT_EXTRAS else extras}

@@ -152,10 +152,8 @@ def encode_for_ppl(tokenizer, chats, cfg):
     limit, sft = cfg["model"]["max_seq_length"], cfg["sft"]
     encoded = []
     for messages, tools in chats:
-        enc = common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                           train_on_turns=sft["train_on_turns"],
-                                           train_tool_calls=sft["train_tool_calls"])
-        encoded.append((enc["input_ids"][:limit], enc["labels"][:limit]))
+        enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
+        encoded.append((enc["input_ids"][:limit], enc["labels"][:limit]))  # training truncates the same way
     return encoded
 
 
@@ -194,6 +192,8 @@ def masked_nll(model, encoded, batch_size, pad_id, desc=None, max_tokens=None):
             scored[:, :-1] = labels[:, 1:] != -100  # hidden state t predicts label t + 1
             logits = scored_logits(model, head, scored, input_ids=ids, attention_mask=mask)
             targets = labels[:, 1:][scored[:, :-1]]
+            # 1024 positions at a time: their fp32 copy is 1024 × 151,936 × 4 B ≈ 0.6 GB for Qwen3's vocabulary,
+            # where the whole batch's could be tens of GB.
             nll = torch.cat([F.cross_entropy(logits[s:s + 1024].float(), targets[s:s + 1024], reduction="none")
                              for s in range(0, len(targets), 1024)] or [logits.new_zeros(0, dtype=torch.float32)])
             rows = torch.arange(len(idx), device=device)[:, None].expand_as(scored)[scored]

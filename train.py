@@ -314,9 +314,7 @@ def tokenize_rows(ds, tokenizer, cfg, split):
         where = f"{split} row {i} (source {row.get('source') or '?'})"
         messages, tools = common.row_to_chat(row)
         try:
-            enc = common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                               train_on_turns=sft["train_on_turns"],
-                                               train_tool_calls=sft["train_tool_calls"])
+            enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
         except common.DataError as err:
             raise common.UserError(f"{split_path(cfg, split)}: {where}: {err}")
         ids, labels, reason = enc["input_ids"], enc["labels"], None
@@ -672,6 +670,7 @@ def run_and_checkpoint(cfg, resume):
     out = common.path_in_repo(cfg["output"]["dir"])
     name = cfg["training"]["run_name"]
     if resume is None:
+        # rank 0's name on every rank: the name holds a timestamp, and ranks start seconds apart
         return os.path.join(out, shared_value(common.new_run_name(cfg))), None
     if resume == "latest":
         runs = [os.path.join(out, name)] if name else sorted(
@@ -1242,7 +1241,7 @@ def main():
     allocator = use_expandable_segments(cfg)  # before anything touches CUDA
     backend, why = pick_backend(cfg)
     say(f"Backend: {backend} ({why}); processes: {WORLD_SIZE}; CUDA allocator: {allocator}")
-    if args.check_packing:
+    if args.check_packing:  # a mode of its own: no data, no run folder
         sys.exit(check_packing_only(cfg, backend))
 
     # ---- data and model checks, before any weight is loaded; then model, tokenizer, our loss mask
