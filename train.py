@@ -698,9 +698,12 @@ def shared_value(value):
     """Rank 0's value on every rank (the run name holds a timestamp, which ranks would not agree on)."""
     if WORLD_SIZE == 1:
         return value
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    PartialState()
+    # Without cpu=True a CPU run (torchrun + gloo) is DistributedType.NO to accelerate: the broadcast then does
+    # nothing and each rank keeps its own timestamp (two run folders when the ranks start a second apart).
+    PartialState(cpu=not torch.cuda.is_available())
     return broadcast_object_list([value])[0]
 
 
