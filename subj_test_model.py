@@ -71,7 +71,7 @@ def wrap(text, width):
 
 def side_by_side(answers):
     """Two answers in two columns, labelled by side."""
-    columns = shutil.get_terminal_size((100, 24)).columns
+    columns = shutil.get_terminal_size((100, 24)).columns  # (100, 24) when not a terminal (a pipe, a test)
     col = max(20, (columns - 3) // 2)
     (left_name, left), (right_name, right) = answers.items()
     print(f"{'─' * 10} side by side {'─' * 10}")
@@ -83,7 +83,7 @@ def side_by_side(answers):
 
 def stream_answer(model, tokenizer, messages, tools, settings, side, seed):
     """Stream one answer to the terminal as `side` and print its speed; returns the result dict."""
-    seed_all(seed)
+    seed_all(seed)  # the same seed before each side: with sampling on, base and tuned differ by weights alone
     with common.answering_as(model, side):
         result = common.generate_local(model, tokenizer, [(messages, tools)], settings, batch_size=1,
                                        on_text=lambda piece: print(piece, end="", flush=True))[0]
@@ -149,6 +149,7 @@ def chat(model, tokenizer, settings, sides, seed):
             continue
         for s in sides:
             history[s].append({"role": "user", "content": text})
+        # the system prompt is kept apart from the history and put first at each turn: /reset keeps it
         convs = {s: ([{"role": "system", "content": system}] if system else []) + history[s] for s in sides}
         try:
             answers = answer_all_sides(model, tokenizer, convs, None, settings, sides, seed)
