@@ -574,8 +574,9 @@ def test_ranks_share_rank_0s_value_on_cpu(tmp_path):
     """train.shared_value under torchrun on the CPU: every rank gets rank 0's value (here its pid). accelerate took
     a CPU run for a single process, so the broadcast did nothing and each rank kept its own run name (its own
     timestamp): two run folders whenever the ranks started a second apart."""
-    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import train; "
-            "print('rank', train.RANK, 'pid', os.getpid(), 'got', train.shared_value(os.getpid()), flush=True)")
+    # one os.write per rank: print writes its pieces separately, and two ranks' pieces interleave
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import train; got = train.shared_value(os.getpid()); "
+            "os.write(1, f'rank {train.RANK} pid {os.getpid()} got {got}\\n'.encode())")
     script = tmp_path / "shared_value_probe.py"
     script.write_text(code + "\n", encoding="utf-8")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
