@@ -113,7 +113,7 @@ def open_rows(cfg, path, findings):
         ds = common.load_split(cfg, os.path.abspath(path))  # a path as given here is relative to the cwd
         return len(ds), enumerate(ds, 1)
     with open(path, "rb") as f:
-        total = sum(1 for line in f if line.strip())
+        total = sum(1 for line in f if line.strip())  # tqdm's total; read_jsonl skips blank lines the same way
 
     def on_error(line, reason, raw):
         findings.append(finding(path, line, "parse", reason))
@@ -345,13 +345,14 @@ def check_paths(paths, cfg, tokenizer, show=0):
         file_findings = []
         total, rows = open_rows(cfg, path, file_findings)
         lengths, loss_tokens, n_rows = [], 0, 0
+        # progress on stderr: stdout holds only the findings, which a user may pipe or grep
         for line, row in tqdm(rows, total=total, desc=os.path.basename(path.rstrip("/")), unit="row", file=sys.stderr,
                               leave=False):
             n_rows += 1
             messages, tools, problems = row_problems(row, cfg)
             if messages is not None:
                 digest = messages_md5(messages, tools)
-                if digest in seen:
+                if digest in seen:  # seen first in this file: a duplicate; in another (train vs validation): a leak
                     first = seen[digest]
                     problems.append(("duplicate" if first[0] == path else "leak",
                                      f"same messages as {first[0]}:{first[1]}", None))
