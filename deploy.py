@@ -44,16 +44,11 @@ VLLM_INSTALL_HINT = "pip install vllm==0.25.0 (the tested version; it needs a CU
 LOG_TAIL_LINES = 40
 
 
-class DeployError(RuntimeError):
+class DeployError(common.UserError):
     """A deploy step cannot go on; the message says why and what to do next."""
 
 
 # ---------------------------------------------------------------- engines, checks
-
-def vllm_installed():
-    import importlib.util
-    return importlib.util.find_spec("vllm") is not None
-
 
 def resolve_engine(cfg, engine=None):
     """auto -> vllm where CUDA and vLLM exist, else transformers. An explicit vllm must be runnable."""
@@ -61,8 +56,8 @@ def resolve_engine(cfg, engine=None):
     if engine not in ENGINES:
         raise DeployError(f"unknown engine {engine!r}; choose from {', '.join(ENGINES)}")
     if engine == "auto":
-        return "vllm" if common.has_cuda() and vllm_installed() else "transformers"
-    if engine == "vllm" and not vllm_installed():
+        return "vllm" if common.has_cuda() and common.package_installed("vllm") else "transformers"
+    if engine == "vllm" and not common.package_installed("vllm"):
         raise DeployError(f"deploy.engine is vllm but vLLM is not installed: {VLLM_INSTALL_HINT}; "
                           f"or use --engine transformers to serve on a CPU")
     if engine == "vllm" and not common.has_cuda():
@@ -284,19 +279,15 @@ def log_tail(path, lines=LOG_TAIL_LINES):
 
 
 def wait_healthy(proc, cfg, log_path, timeout_s):
-    url = f"http://{cfg['deploy']['host']}:{cfg['deploy']['port']}/health"
+    url = common.server_root(endpoint_url(cfg)) + "/health"
     start = last_note = time.time()
     while True:
         if proc.poll() is not None:
             raise DeployError(f"the {proc.engine} server exited during start-up (exit code {proc.returncode}); "
                               f"last lines of {log_path}:\n{log_tail(log_path)}")
-        try:
-            with urllib.request.urlopen(url, timeout=5) as r:
-                if r.status == 200:
-                    print(f"server healthy after {time.time() - start:.0f} s: {endpoint_url(cfg)}", flush=True)
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            pass
+        if common.http_ok(url, 5):
+            print(f"server healthy after {time.time() - start:.0f} s: {endpoint_url(cfg)}", flush=True)
+            return
         elapsed = time.time() - start
         if elapsed > timeout_s:
             raise DeployError(f"the {proc.engine} server was not healthy after {timeout_s} s "
@@ -424,7 +415,7 @@ def resolve_run(cfg, run=None, adapter=None):
 
 
 def reports_dir(cfg, run_path):
-    return common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], os.path.basename(run_path.rstrip("/"))))
+    return common.report_dir(cfg, os.path.basename(run_path.rstrip("/")))
 
 
 # ---------------------------------------------------------------- merge
@@ -517,8 +508,7 @@ def generation_config_for(cfg, model_dir, tokenizer):
         gen = GenerationConfig.from_pretrained(model_dir)
     except OSError:
         gen = GenerationConfig()
-    stops = [tokenizer.convert_tokens_to_ids(t) for t in (common.IM_END, "<|endoftext|>")]
-    stops = [i for i in stops if i is not None and i != tokenizer.unk_token_id]
+    stops = common.token_ids(tokenizer, (common.IM_END, "<|endoftext|>"))
     gen.update(do_sample=True, **served_sampling(cfg["deploy"]), eos_token_id=stops,
                pad_token_id=tokenizer.pad_token_id)
     return gen
@@ -681,7 +671,7 @@ PARITY_CONVERSATIONS = [  # (messages ending with the answer training learns, to
 
 def detect_engine(cfg):
     """vllm answers GET /version; `transformers serve` does not."""
-    root = endpoint_url(cfg).rsplit("/v1", 1)[0]
+    root = common.server_root(endpoint_url(cfg))
     try:
         with urllib.request.urlopen(root + "/version", timeout=10) as r:
             return "vllm" if "version" in json.loads(r.read()) else "transformers"
@@ -786,17 +776,21 @@ def check_tool_round_trip(client, name, max_tokens, engine):
     is missing or unusable (a small model may name the city as the tool), vLLM is made to call get_weather
     (named tool_choice, grammar-constrained); on the transformers engine (no tool parser for every model,
     tool_choice ignored) the call is written by hand, so the second leg still runs through the server."""
-    from openai import InternalServerError
+    from openai import APIConnectionError, InternalServerError, OpenAI
     messages = [{"role": "user", "content": "What's the weather in Paris right now? Use the tool."}]
     try:
         r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL])
         call, model_call = weather_call(r.choices[0].message)
-    except InternalServerError as err:
+    except (InternalServerError, APIConnectionError) as err:
         if engine != "transformers":
             raise
-        # `transformers serve` answers 500 when its tool parser meets a <tool_call> whose JSON is broken (an
-        # undertrained model's): that is the model's own try failing, so the call is constructed as below.
-        call, model_call, stats = None, f"the server could not parse it ({err.status_code})", {}
+        # `transformers serve` fails the request when its tool parser meets a <tool_call> whose JSON is broken (an
+        # undertrained model's; the README demo's): HTTP 500, or the connection dropped mid-answer. That is the
+        # model's own try failing, so the call is constructed as below, on a client of its own (not the pooled
+        # connection the server dropped).
+        why = f"HTTP {err.status_code}" if isinstance(err, InternalServerError) else "connection dropped"
+        call, model_call, stats = None, f"the server could not parse it ({why})", {}
+        client = OpenAI(base_url=str(client.base_url), api_key=client.api_key, timeout=300, max_retries=0)
     source = "model (tool_choice=auto)"
     if call is None and engine == "vllm":
         r, stats = timed_chat(client, model=name, max_tokens=max_tokens, messages=messages, tools=[WEATHER_TOOL],
@@ -841,7 +835,7 @@ def served_prompt_ids(cfg, engine, name, messages, tools, served_dir):
         body = {"model": name, "messages": messages, "add_generation_prompt": True}
         if tools:
             body["tools"] = tools
-        root = endpoint_url(cfg).rsplit("/v1", 1)[0]
+        root = common.server_root(endpoint_url(cfg))
         req = urllib.request.Request(root + "/tokenize", data=json.dumps(body).encode(), method="POST",
                                      headers={"Content-Type": "application/json",
                                               "Authorization": f"Bearer {cfg['deploy']['api_key'] or 'EMPTY'}"})
@@ -1263,7 +1257,7 @@ def read_level(folder, level, number):
             "avg_output_tokens": s.get("Avg Output Tokens")}
 
 
-def fmt(value, digits=1):
+def perf_text(value, digits=1):
     return "-" if value is None else f"{value:.{digits}f}"
 
 
@@ -1276,10 +1270,10 @@ def write_perf_report(result, out_dir):
              "| concurrency | requests (ok/failed) | req/s | output tok/s | total tok/s | latency avg / p50 / p99 (s) "
              "| TTFT avg / p99 (ms) | TPOT avg / p99 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["levels"]:
-        lines.append(f"| {r['concurrency']} | {r['succeeded']}/{r['failed']} | {fmt(r['req_throughput'], 2)} | "
-                     f"{fmt(r['output_tok_s'])} | {fmt(r['total_tok_s'])} | {fmt(r['avg_latency_s'], 2)} / "
-                     f"{fmt(r['p50_latency_s'], 2)} / {fmt(r['p99_latency_s'], 2)} | {fmt(r['avg_ttft_ms'])} / "
-                     f"{fmt(r['p99_ttft_ms'])} | {fmt(r['avg_tpot_ms'])} / {fmt(r['p99_tpot_ms'])} |")
+        lines.append(f"| {r['concurrency']} | {r['succeeded']}/{r['failed']} | {perf_text(r['req_throughput'], 2)} | "
+                     f"{perf_text(r['output_tok_s'])} | {perf_text(r['total_tok_s'])} | {perf_text(r['avg_latency_s'], 2)} / "
+                     f"{perf_text(r['p50_latency_s'], 2)} / {perf_text(r['p99_latency_s'], 2)} | {perf_text(r['avg_ttft_ms'])} / "
+                     f"{perf_text(r['p99_ttft_ms'])} | {perf_text(r['avg_tpot_ms'])} / {perf_text(r['p99_tpot_ms'])} |")
     lines += ["", "![throughput and latency](perf.png)", ""]
     with open(os.path.join(out_dir, "perf.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -1341,8 +1335,8 @@ def run_perf(cfg, served_dir, out_dir, name=None):
         result["levels"].append(read_level(folder, level, number))
     for r in result["levels"]:
         print(f"  concurrency {r['concurrency']:>4}: {r['succeeded']}/{r['requests']} ok, "
-              f"{fmt(r['output_tok_s'])} output tok/s, p50 latency {fmt(r['p50_latency_s'], 2)} s, "
-              f"TTFT {fmt(r['avg_ttft_ms'])} ms, TPOT {fmt(r['avg_tpot_ms'])} ms", flush=True)
+              f"{perf_text(r['output_tok_s'])} output tok/s, p50 latency {perf_text(r['p50_latency_s'], 2)} s, "
+              f"TTFT {perf_text(r['avg_ttft_ms'])} ms, TPOT {perf_text(r['avg_tpot_ms'])} ms", flush=True)
     if not any(r["succeeded"] for r in result["levels"]):
         raise DeployError(f"every perf request failed; see {log_path}")
     write_perf_report(result, out_dir)
@@ -1353,11 +1347,7 @@ def run_perf(cfg, served_dir, out_dir, name=None):
 # ---------------------------------------------------------------- main
 
 def server_up(cfg):
-    try:
-        with urllib.request.urlopen(endpoint_url(cfg).rsplit("/v1", 1)[0] + "/health", timeout=5) as r:
-            return r.status == 200
-    except (urllib.error.URLError, ConnectionError, TimeoutError):
-        return False
+    return common.http_ok(common.server_root(endpoint_url(cfg)) + "/health", 5)
 
 
 def deploy_targets(cfg, args):
@@ -1546,7 +1536,7 @@ def main():
         finally:
             if proc is not None:
                 stop_server(proc)
-    except (DeployError, common.DataError) as err:
+    except common.UserError as err:  # DeployError, DataError, a bad --run
         sys.exit(f"error: {err}")
 
 

@@ -34,7 +34,6 @@ from importlib import metadata
 import common
 import config
 import deploy
-import obj_test_model
 import train
 
 OK, WARN, FAIL = "✅", "⚠️", "❌"
@@ -354,7 +353,7 @@ def hub_targets():
             ("ModelScope", "www.modelscope.cn", HUB_PORT)]
 
 
-def check_hubs(targets, timeout_s, offline, model_cached, model="MODEL", probe=obj_test_model.hub_reachable):
+def check_hubs(targets, timeout_s, offline, model_cached, model="MODEL", probe=common.tcp_reachable):
     """One line per hub, probed at once (a TCP connection within timeout_s); HF_HUB_OFFLINE=1 skips them."""
     if offline:
         return [line(OK if model_cached else FAIL, "Hubs", "skipped: HF_HUB_OFFLINE=1",
@@ -547,6 +546,7 @@ def render(lines, cfg):
     return "\n".join(out)
 
 
+@common.exits_on_user_error
 def main():
     parser = config.add_config_args(argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))

@@ -47,7 +47,7 @@ class RowError(ValueError):
     """A row-level data problem: the row goes to rejects.jsonl with this reason."""
 
 
-class BuildError(Exception):
+class BuildError(common.UserError):
     """A problem with the configuration or a whole input: the build stops with this message."""
 
 
@@ -58,7 +58,7 @@ def hub_offline():
                for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
 
 
-def hub_reachable(repo, timeout):
+def hf_dataset_reachable(repo, timeout):
     """One short metadata request; any network failure means "use the local copy"."""
     import httpx
     from huggingface_hub import HfApi, errors
@@ -78,7 +78,7 @@ def plan_inputs(name, src, cfg):
             if use_hub is True:
                 raise BuildError(f"data.use_hub is True but HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set (source "
                                  f"{name}): unset it, or use --set data.use_hub=auto to fall back to local files")
-        elif use_hub is True or hub_reachable(src["hub"], cfg["data"]["hub_timeout_s"]):
+        elif use_hub is True or hf_dataset_reachable(src["hub"], cfg["data"]["hub_timeout_s"]):
             files = src.get("data_files") or [None]
             return [(f"hub:{src['hub']}" + (f"/{f}" if f else ""), "hub", (src["hub"], f)) for f in files]
     if not src.get("local"):
@@ -170,6 +170,7 @@ def csv_fast(path, fields):
     try:
         table = pacsv.read_csv(path, parse_options=pacsv.ParseOptions(
             delimiter="\t" if path.lower().endswith(".tsv") else ","),
+            # every column as text: pyarrow would otherwise infer numbers and turn an id "007" into 7
             convert_options=pacsv.ConvertOptions(column_types={c: pa.string() for c in header},
                                                  include_columns=present))
     except (pa.ArrowInvalid, pa.ArrowTypeError):
@@ -184,8 +185,12 @@ def csv_fast(path, fields):
 
 def json_array_rows(path, source, label, rejects):
     """(record index, dict) for each element of a JSON array (0-based, as json.load(f)[i] finds it)."""
+    # surrogateescape: non-UTF-8 bytes become lone surrogates (SURROGATE), so one bad record is rejected instead
+    # of the whole file failing to decode.
     with open(path, encoding="utf-8", errors="surrogateescape") as f:
         text = f.read()
+    # raw_decode record by record, not json.load: a malformed record then costs the records after it (named in
+    # the reject), not every record of the file, and each reject names its index.
     decoder, rows = json.JSONDecoder(), []
     pos = len(text) - len(text.lstrip())
     if not text.startswith("[", pos):
@@ -216,6 +221,7 @@ def json_array_rows(path, source, label, rejects):
 def csv_rows(path, source, label, rejects):
     """(line, dict) per CSV record, with the line where the record starts (quoted fields may span lines)."""
     rows = []
+    # newline="": the csv module's requirement for quoted fields that hold newlines
     with open(path, encoding="utf-8", errors="surrogateescape", newline="") as f:
         reader = csv.reader(f, delimiter="\t" if path.lower().endswith(".tsv") else ",")
         header = next(reader, [])
@@ -232,7 +238,7 @@ def csv_rows(path, source, label, rejects):
             line, start = start, reader.line_num + 1
             if not rec:
                 continue
-            if SURROGATE.search("\x1f".join(rec)):
+            if SURROGATE.search("\x1f".join(rec)):  # all fields in one search; \x1f cannot form a surrogate
                 reject(rejects, source, label, line, "non-UTF-8 bytes", ",".join(rec).encode(
                     "utf-8", "surrogateescape").decode("utf-8", "replace"))
             elif len(rec) != len(header):
@@ -256,6 +262,7 @@ def table_columns(table, fields, source, label, rejects):
             cols[f] = pa.nulls(table.num_rows, pa.string())
             continue
         col = table[f].combine_chunks() if table.num_rows else pa.array([], pa.string())
+        # numbers are written out as text, as as_text does for JSON rows; lists and structs are wrong types
         if pa.types.is_string(col.type) or pa.types.is_large_string(col.type) or pa.types.is_integer(col.type) \
                 or pa.types.is_floating(col.type) or pa.types.is_null(col.type):
             cols[f] = col.cast(pa.string())
@@ -273,6 +280,7 @@ def load_input(kind, target, fields, source, label, rejects):
     """(records, unit) of one input: records are a table of `fields` as strings (column formats), or
     [(line, dict)] (fields None); unit says what the line numbers count: "line", or "record" (a JSON array)."""
     try:
+        # a .json file is a JSON array or, as often, JSON Lines under that name: json_array_rows tells them apart
         rows = json_array_rows(target, source, label, rejects) if kind == "file" and os.path.isfile(target) \
             and target.lower().endswith(".json") else None
         if rows is not None:
@@ -373,7 +381,7 @@ def has_tag(tags, tag):
 def first_reason(n, checks):
     """[(bool mask, reason)] -> a string array with the first failing reason per row (null = fine)."""
     out = pa.nulls(n, pa.string())
-    for mask, reason in reversed(checks):
+    for mask, reason in reversed(checks):  # last check first: an earlier failing check overwrites a later one
         out = pc.if_else(pa.array(np.asarray(mask, dtype=bool)), pa.scalar(reason), out)
     return out
 
@@ -579,22 +587,11 @@ def content_text(content, where):
 
 
 def tool_call(call, n):
-    if not isinstance(call, dict):
-        raise RowError(f"wrong type: tool call is {type(call).__name__}, expected an object")
-    fn = call.get("function") if isinstance(call.get("function"), dict) else call
-    name, args = fn.get("name"), fn.get("arguments", fn.get("parameters"))
-    if not isinstance(name, str) or not name:
-        raise RowError("tool call without a function name")
-    if isinstance(args, str):
-        try:
-            args = json.loads(args) if args.strip() else {}
-        except json.JSONDecodeError:
-            raise RowError(f"tool call arguments of {name!r} are not valid JSON") from None
-    if args is None:
-        args = {}
-    if not isinstance(args, dict):
-        raise RowError(f"wrong type: arguments of {name!r} are {type(args).__name__}, expected an object")
-    return {"type": "function", "id": str(call.get("id") or f"call_{n}"), "function": {"name": name, "arguments": args}}
+    """A raw tool call in the built layout; the rule (and its reasons) is common.parse_tool_call's."""
+    parsed, problem = common.parse_tool_call(call, n, flat=True)
+    if problem:
+        raise RowError(problem)
+    return parsed
 
 
 def tool_schemas(tools):

@@ -41,12 +41,8 @@ import json
 import math
 import os
 import random
-import re
-import socket
 import sys
 import time
-import urllib.error
-import urllib.request
 
 os.environ.setdefault("UNSLOTH_RETURN_LOGITS", "1")  # perplexity needs real logits from Unsloth's forward
 
@@ -54,9 +50,18 @@ import common  # noqa: E402
 import config  # noqa: E402
 
 # One implementation of the answer metrics (train.py's generation eval uses them too): common.py.
-from common import (expected_language, json_validity, language_share, reference_keys,  # noqa: E402,F401
-                    repeat_share, split_for_generation, usability)
+from common import (  # noqa: E402,F401
+    expected_language,
+    json_validity,
+    language_share,
+    reference_keys,
+    repeat_share,
+    split_for_generation,
+    usability,
+)
+
 SIDES = ("base", "tuned")
+MODELSCOPE_HOST = "www.modelscope.cn"  # EvalScope downloads its public benchmarks from ModelScope by default
 
 
 # ---------------------------------------------------------------- metrics on finished answers
@@ -121,12 +126,12 @@ def check_gates(report, gates):
 
 # ---------------------------------------------------------------- data
 
-def load_rows(cfg, data):
+def load_eval_rows(cfg, data):
     """Validation rows as dicts: chat (messages, tools), source, tags, prompt, reference."""
     try:
         split = common.load_split(cfg, data)
     except FileNotFoundError as err:
-        sys.exit(f"error: {err}")
+        raise common.UserError(str(err)) from None
     rows = []
     for i, row in enumerate(split):
         messages, tools = common.row_to_chat(row)
@@ -134,7 +139,7 @@ def load_rows(cfg, data):
         rows.append({"index": i, "id": row.get("id"), "chat": (messages, tools), "source": row.get("source") or "",
                      "tags": list(row.get("tags") or []), "prompt": prompt, "reference": reference})
     if not rows:
-        sys.exit(f"error: the split {data!r} has no rows")
+        raise common.UserError(f"the split {data!r} has no rows")
     return rows
 
 
@@ -144,7 +149,7 @@ def load_probes(cfg):
     for k, p in enumerate(probes):
         missing = [key for key in ("name", "question", "keywords") if not p.get(key)]
         if missing:
-            sys.exit(f"error: {path}: probe #{k + 1} lacks {missing}")
+            raise common.UserError(f"{path}: probe #{k + 1} lacks {missing}")
     return probes
 
 
@@ -155,10 +160,8 @@ def encode_for_ppl(tokenizer, chats, cfg):
     limit, sft = cfg["model"]["max_seq_length"], cfg["sft"]
     encoded = []
     for messages, tools in chats:
-        enc = common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                           train_on_turns=sft["train_on_turns"],
-                                           train_tool_calls=sft["train_tool_calls"])
-        encoded.append((enc["input_ids"][:limit], enc["labels"][:limit]))
+        enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
+        encoded.append((enc["input_ids"][:limit], enc["labels"][:limit]))  # training truncates the same way
     return encoded
 
 
@@ -197,6 +200,8 @@ def masked_nll(model, encoded, batch_size, pad_id, desc=None, max_tokens=None):
             scored[:, :-1] = labels[:, 1:] != -100  # hidden state t predicts label t + 1
             logits = scored_logits(model, head, scored, input_ids=ids, attention_mask=mask)
             targets = labels[:, 1:][scored[:, :-1]]
+            # 1024 positions at a time: their fp32 copy is 1024 × 151,936 × 4 B ≈ 0.6 GB for Qwen3's vocabulary,
+            # where the whole batch's could be tens of GB.
             nll = torch.cat([F.cross_entropy(logits[s:s + 1024].float(), targets[s:s + 1024], reduction="none")
                              for s in range(0, len(targets), 1024)] or [logits.new_zeros(0, dtype=torch.float32)])
             rows = torch.arange(len(idx), device=device)[:, None].expand_as(scored)[scored]
@@ -230,18 +235,12 @@ def scored_logits(model, head, scored, **inputs):
 
 # ---------------------------------------------------------------- backends
 
-def check_endpoint(url):
+def require_server(url):
     """Fail before heavy work when nothing answers at url (…/v1): /health (vLLM, transformers serve) or /models."""
-    root = url.rstrip("/").removesuffix("/v1")
-    for probe in (f"{root}/health", f"{url.rstrip('/')}/models"):
-        try:
-            with urllib.request.urlopen(probe, timeout=10) as r:
-                if r.status == 200:
-                    return
-        except (urllib.error.URLError, ConnectionError, TimeoutError, socket.timeout):
-            continue
-    sys.exit(f"error: no OpenAI-compatible server answers at {url} (tried {root}/health and {url}/models); "
-             f"start one with `python deploy.py serve` (add --profile demo on a CPU) or fix --endpoint")
+    if not common.openai_server_up(url):
+        raise common.UserError(f"no OpenAI-compatible server answers at {url} (tried {common.server_root(url)}/health "
+                               f"and {url}/models); start one with `python deploy.py serve` (add --profile demo on "
+                               f"a CPU) or fix --endpoint")
 
 
 def make_generator(cfg, model, tokenizer, endpoint, endpoint_model):
@@ -291,8 +290,9 @@ def evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate,
                   json_validity=rate(s["json_valid"] for s in samples if s["json_valid"] is not None),
                   json_rows=sum(1 for s in samples if s["json_valid"] is not None),
                   gen_seconds=round(seconds, 2), gen_tokens_per_s=round(tokens / seconds, 1) if seconds else None)
-    print(f"✅ {side}: Usability Rate {fmt(result['usability'])} ({sum(s['usable'] for s in samples)}/{len(samples)})"
-          f", JSON validity {fmt(result['json_validity'])} ({result['json_rows']} json-only rows)")
+    usable = sum(s["usable"] for s in samples)
+    print(f"✅ {side}: Usability Rate {score_text(result['usability'])} ({usable}/{len(samples)}), "
+          f"JSON validity {score_text(result['json_validity'])} ({result['json_rows']} json-only rows)")
     if probes:
         probe_answers = generate([([{"role": "user", "content": p["question"]}], None) for p in probes],
                                  f"{side}: probes")
@@ -305,15 +305,6 @@ def evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate,
 
 # ---------------------------------------------------------------- EvalScope
 
-def hub_reachable(host="www.modelscope.cn", port=443, timeout_s=3):
-    """EvalScope downloads public benchmarks from ModelScope by default: is it reachable at all?"""
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
-
-
 def run_evalscope(cfg, endpoint, model_name, work_dir):
     """EvalScope against the endpoint: the shipped custom QA/MCQ data, plus eval.evalscope_datasets when the
     hub is reachable. Returns {dataset: {"primary" (metric name), "score", "num", "subsets": {name: score},
@@ -325,7 +316,7 @@ def run_evalscope(cfg, endpoint, model_name, work_dir):
     datasets = list(dataset_args)
     use_hub = e["evalscope_hub"]
     if use_hub == "auto":
-        use_hub = hub_reachable()
+        use_hub = common.tcp_reachable(MODELSCOPE_HOST, 443)
     if use_hub:
         datasets += list(e["evalscope_datasets"])
     else:
@@ -350,15 +341,15 @@ def run_evalscope(cfg, endpoint, model_name, work_dir):
 
 # ---------------------------------------------------------------- report
 
-def fmt(value, digits=3):
+def score_text(value, digits=3):
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
 def summary_rows(report):
     sides = report["sides"]
-    rows = [("Perplexity", {k: fmt(v["ppl"]) for k, v in sides.items()}),
-            ("Usability Rate", {k: fmt(v["usability"]) for k, v in sides.items()}),
-            ("JSON validity", {k: fmt(v["json_validity"]) for k, v in sides.items()})]
+    rows = [("Perplexity", {k: score_text(v["ppl"]) for k, v in sides.items()}),
+            ("Usability Rate", {k: score_text(v["usability"]) for k, v in sides.items()}),
+            ("JSON validity", {k: score_text(v["json_validity"]) for k, v in sides.items()})]
     if all("probes" in v for v in sides.values()):
         rows.append(("Probes passed", {k: f"{sum(p['passed'] for p in v['probes'].values())}/{len(v['probes'])}"
                                        for k, v in sides.items()}))
@@ -375,7 +366,7 @@ def print_summary(report, gate_results):
         print(f"⚠️  forgetting-probe regressions: {', '.join(report['probe_regressions'])}")
     for name, scores in (report.get("evalscope") or {}).items():
         for side, v in scores.items():
-            print(f"EvalScope {name} ({side}): {v['primary']} = {fmt(v['score'])} over {v['num']} samples")
+            print(f"EvalScope {name} ({side}): {v['primary']} = {score_text(v['score'])} over {v['num']} samples")
     for gate, passed, detail in gate_results:
         print(f"{'✅' if passed else '❌'} gate {gate}: {detail}")
 
@@ -398,7 +389,7 @@ def write_markdown(report, gate_results, path):
             cells = []
             for n in names:
                 b = report["sides"][n]["buckets"][kind].get(key, {})
-                cells += [fmt(b.get("ppl")), fmt(b.get("usability")), fmt(b.get("json_validity"))]
+                cells += [score_text(b.get("ppl")), score_text(b.get("usability")), score_text(b.get("json_validity"))]
             lines.append(f"| {key} | " + " | ".join(cells) + " |")
     if all("probes" in report["sides"][n] for n in names):
         lines += ["", "## Forgetting probes", "", "| probe | " + " | ".join(names) + " |",
@@ -413,8 +404,9 @@ def write_markdown(report, gate_results, path):
         lines += ["| benchmark | side | primary metric | score | samples | per subset |", "|---|---|---|---|---|---|"]
         for name, scores in report["evalscope"].items():
             for side, v in scores.items():
-                subsets = ", ".join(f"{s} {fmt(x)}" for s, x in v["subsets"].items())
-                lines.append(f"| {name} | {side} | `{v['primary']}` | {fmt(v['score'])} | {v['num']} | {subsets} |")
+                subsets = ", ".join(f"{s} {score_text(x)}" for s, x in v["subsets"].items())
+                lines.append(f"| {name} | {side} | `{v['primary']}` | {score_text(v['score'])} | {v['num']} "
+                             f"| {subsets} |")
         lines += ["", "All EvalScope metrics are in eval.json; its own reports under `evalscope/<side>/`."]
     if gate_results:
         lines += ["", "## Gates", ""] + [f"- {'pass' if ok else 'FAIL'} {g}: {d}" for g, ok, d in gate_results]
@@ -445,15 +437,17 @@ def plot_tags(report, path):
     plt.close(fig)
 
 
-def run_name(adapter, cfg):
+def report_label(adapter, cfg):
+    """The report folder's name: the adapter's run (<run>-checkpoint-N for a checkpoint), else
+    training.run_name or base-<model> for the base alone."""
     if adapter is None:
-        return cfg["training"]["run_name"] or "base-" + os.path.basename(os.path.normpath(cfg["model"]["name"]))
-    return common.run_of_adapter(adapter)[1]  # a checkpoint's report goes to reports/<run>-checkpoint-N/
+        return cfg["training"]["run_name"] or "base-" + common.model_slug(cfg)
+    return common.run_of_adapter(adapter)[1]
 
 
-# ---------------------------------------------------------------- main
+# ---------------------------------------------------------------- steps of main()
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="adapter folder: outputs/<run>[/adapter | /adapter_last | "
                                           "/checkpoints/checkpoint-N] (default: the newest outputs/<run>/adapter)")
@@ -475,83 +469,81 @@ def main():
     parser.add_argument("--report-dir", help="where eval.* go (default output.reports_dir/<run>)")
     config.add_config_args(parser)
     args = parser.parse_args()
-    cfg = config.resolve(args, parser)
-
-    # ---- seed, then every check before any model is loaded
-    seed = cfg["training"]["seed"]
-    random.seed(seed)
-    unknown = sorted(set(cfg["eval"]["gates"]) - set(config.CONFIG["eval"]["gates"]))
-    if unknown:
-        sys.exit(f"error: unknown gate {', '.join(unknown)}; "
-                 f"eval.gates has {', '.join(config.CONFIG['eval']['gates'])}")
-    adapter = None if args.base_only else common.resolve_adapter(cfg, args.adapter)
     if args.base_only and args.tuned_only:
         parser.error("--base-only and --tuned-only exclude each other")
+    return args, config.resolve(args, parser)
+
+
+def check_request(args, cfg):
+    """Every check that needs no model: known gates, the adapter, reachable endpoints. Returns the adapter."""
+    unknown = sorted(set(cfg["eval"]["gates"]) - set(config.CONFIG["eval"]["gates"]))
+    if unknown:
+        raise common.UserError(f"unknown gate {', '.join(unknown)}; "
+                               f"eval.gates has {', '.join(config.CONFIG['eval']['gates'])}")
+    adapter = None if args.base_only else common.resolve_adapter(cfg, args.adapter)
     if args.evalscope and not args.endpoint:
-        sys.exit("error: --evalscope runs against an endpoint: start one (`python deploy.py serve`) and pass "
-                 "--endpoint URL")
-    endpoint_model = args.endpoint_model or cfg["eval"]["endpoint_model"] or cfg["deploy"]["served_model_name"]
+        raise common.UserError("--evalscope runs against an endpoint: start one (`python deploy.py serve`) and pass "
+                               "--endpoint URL")
     for url in (args.endpoint, args.base_endpoint):
         if url:
-            check_endpoint(url)
-    common.import_unsloth_first()  # on a GPU: Unsloth patches transformers/PEFT only if imported before them
-    rows = load_rows(cfg, args.data)
-    probes = None if args.no_probes else load_probes(cfg)
-    usable_rows = [r for r in rows if r["prompt"]]
-    skipped = len(rows) - len(usable_rows)
-    if skipped:
-        print(f"note: {skipped} of {len(rows)} rows have no assistant turn to answer: perplexity only")
-    n = cfg["eval"]["max_samples"]
-    gen_rows = usable_rows if n is None or n >= len(usable_rows) else \
-        [usable_rows[i] for i in sorted(random.Random(seed).sample(range(len(usable_rows)), n))]
+            require_server(url)
+    return adapter
 
+
+def plan_sides(args, cfg):
+    """(sides, endpoint URL or None per side, `model` to request per side)."""
+    endpoint_model = args.endpoint_model or cfg["eval"]["endpoint_model"] or cfg["deploy"]["served_model_name"]
     sides = ["base"] if args.base_only else ["tuned"] if args.tuned_only else list(SIDES)
     endpoints = {"tuned": args.endpoint, "base": args.base_endpoint if not args.base_only else args.endpoint}
     models = {"tuned": endpoint_model, "base": args.base_endpoint_model or endpoint_model}
-    need_model = not args.no_ppl or any(not endpoints[s] for s in sides)
-    name = run_name(adapter, cfg)
-    report_dir = args.report_dir or common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], name))
-    os.makedirs(report_dir, exist_ok=True)
+    return sides, endpoints, models
 
-    print("=" * 60 + "\n🔍 OBJECTIVE MODEL EVALUATION\n" + "=" * 60)
-    print(f"📊 Model: {cfg['model']['name']} + adapter {adapter or '(none: base only)'}")
-    print(f"📁 Validation data: {args.data} ({len(rows)} rows; {len(gen_rows)} answered per side)")
-    print(f"⚙️  Generation: {', '.join(f'{s}: ' + (endpoints[s] or 'in process') for s in sides)}")
 
-    # ---- load once; the base is the same weights with the adapter switched off
-    model = tokenizer = None
-    if need_model:
-        model, tokenizer = common.load_model(cfg, adapter=adapter)
-        tokenizer.padding_side = "left"
-    else:
-        tokenizer = common.load_tokenizer(cfg)
+def generation_rows(rows, cfg, seed):
+    """The rows answered per side: those with an assistant turn, eval.max_samples of them drawn with the seed."""
+    usable = [r for r in rows if r["prompt"]]
+    if len(usable) < len(rows):
+        print(f"note: {len(rows) - len(usable)} of {len(rows)} rows have no assistant turn to answer: perplexity only")
+    n = cfg["eval"]["max_samples"]
+    if n is None or n >= len(usable):
+        return usable
+    return [usable[i] for i in sorted(random.Random(seed).sample(range(len(usable)), n))]
 
-    report = {"run": name, "adapter": adapter, "data": args.data, "backend": endpoints, "sides": {},
-              "rows": len(rows), "rows_without_assistant": skipped, "git_sha": common.git_sha(),
-              "versions": common.package_versions(), "config": config.masked(cfg, None)}  # no secrets in files
+
+def load_eval_model(cfg, adapter, need_model):
+    """(model or None, tokenizer): one copy of the weights; the base side switches the adapter off."""
+    if not need_model:
+        return None, common.load_tokenizer(cfg)
+    model, tokenizer = common.load_model(cfg, adapter=adapter)
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def evaluate_sides(report, sides, endpoints, models, cfg, rows, gen_rows, probes, model, tokenizer, do_ppl):
+    """Each side's result into report["sides"] (+ probe regressions); returns every generated sample."""
     all_samples = []
     for side in sides:
         generate = make_generator(cfg, model, tokenizer, endpoints[side], models[side])
         with common.answering_as(model, side):
-            result, samples = evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate,
-                                            do_ppl=not args.no_ppl)
+            result, samples = evaluate_side(side, cfg, rows, gen_rows, probes, model, tokenizer, generate, do_ppl)
         report["sides"][side] = result
         all_samples += samples
     if probes and len(sides) == 2:
         base, tuned = report["sides"]["base"]["probes"], report["sides"]["tuned"]["probes"]
         report["probe_regressions"] = [p for p in base if base[p]["passed"] and not tuned[p]["passed"]]
-    if args.evalscope:
-        del model  # EvalScope talks to the server; free this process's copy first
-        report["evalscope"] = {}
-        for side in sides:
-            if endpoints[side]:
-                scores = run_evalscope(cfg, endpoints[side], models[side], os.path.join(report_dir, "evalscope", side))
-                for dataset, metrics in scores.items():
-                    report["evalscope"].setdefault(dataset, {})[side] = metrics
+    return all_samples
 
-    # ---- gates, report files, exit code
-    gate_results = check_gates(report, cfg["eval"]["gates"])
-    report["gates"] = [{"gate": g, "passed": ok, "detail": d} for g, ok, d in gate_results]
+
+def add_evalscope(report, sides, endpoints, models, cfg, report_dir):
+    report["evalscope"] = {}
+    for side in sides:
+        if endpoints[side]:
+            scores = run_evalscope(cfg, endpoints[side], models[side], os.path.join(report_dir, "evalscope", side))
+            for dataset, metrics in scores.items():
+                report["evalscope"].setdefault(dataset, {})[side] = metrics
+
+
+def write_reports(report, gate_results, all_samples, report_dir):
     with open(os.path.join(report_dir, "eval.json"), "w", encoding="utf-8") as f:
         json.dump(report, f, ensure_ascii=False, indent=2, default=str)
     common.write_jsonl(os.path.join(report_dir, "eval_samples.jsonl"), all_samples)
@@ -559,6 +551,51 @@ def main():
     plot_tags(report, os.path.join(report_dir, "eval_tags.png"))
     print_summary(report, gate_results)
     print(f"\n📝 Report: {report_dir}/eval.md (+ eval.json, eval_tags.png, eval_samples.jsonl)")
+
+
+# ---------------------------------------------------------------- main
+
+@common.exits_on_user_error
+def main():
+    args, cfg = parse_args()
+
+    # ---- seed, then every check before any model is loaded
+    seed = cfg["training"]["seed"]
+    random.seed(seed)
+    adapter = check_request(args, cfg)
+    common.import_unsloth_first()  # on a GPU: Unsloth patches transformers/PEFT only if imported before them
+    rows = load_eval_rows(cfg, args.data)
+    probes = None if args.no_probes else load_probes(cfg)
+    gen_rows = generation_rows(rows, cfg, seed)
+    sides, endpoints, models = plan_sides(args, cfg)
+    label = report_label(adapter, cfg)
+    report_dir = args.report_dir or common.report_dir(cfg, label)
+    os.makedirs(report_dir, exist_ok=True)
+
+    print("=" * 60 + "\n🔍 OBJECTIVE MODEL EVALUATION\n" + "=" * 60)
+    print(f"📊 Model: {cfg['model']['name']} + adapter {adapter or '(none: base only)'}")
+    print(f"📁 Validation data: {args.data} ({len(rows)} rows; {len(gen_rows)} answered per side)")
+    print(f"⚙️  Generation: {', '.join(f'{s}: ' + (endpoints[s] or 'in process') for s in sides)}")
+
+    # ---- load once (perplexity, or a side answered in process); the base is the adapter switched off
+    need_model = not args.no_ppl or any(not endpoints[s] for s in sides)
+    model, tokenizer = load_eval_model(cfg, adapter, need_model)
+
+    # ---- each side: perplexity, answers, probes; then EvalScope against the endpoints
+    report = {"run": label, "adapter": adapter, "data": args.data, "backend": endpoints, "sides": {},
+              "rows": len(rows), "rows_without_assistant": sum(1 for r in rows if not r["prompt"]),
+              "git_sha": common.git_sha(), "versions": common.package_versions(),
+              "config": config.masked(cfg, None)}  # no secrets in files
+    all_samples = evaluate_sides(report, sides, endpoints, models, cfg, rows, gen_rows, probes, model, tokenizer,
+                                 do_ppl=not args.no_ppl)
+    if args.evalscope:
+        del model  # EvalScope talks to the server; free this process's copy first
+        add_evalscope(report, sides, endpoints, models, cfg, report_dir)
+
+    # ---- gates, report files, exit code
+    gate_results = check_gates(report, cfg["eval"]["gates"])
+    report["gates"] = [{"gate": g, "passed": ok, "detail": d} for g, ok, d in gate_results]
+    write_reports(report, gate_results, all_samples, report_dir)
     failed = [g for g, ok, _ in gate_results if not ok]
     if failed:
         sys.exit(f"❌ gates failed: {', '.join(failed)}")

@@ -22,7 +22,6 @@ for the base answers (PEFT disable_adapter), reseeding before each side so both 
 import argparse
 import itertools
 import shutil
-import sys
 import unicodedata
 
 import common
@@ -40,7 +39,7 @@ def load_tests(cfg):
     tests = common.load_json_list(path, "tests", "eval.tests_file", "predefined tests file")
     for k, t in enumerate(tests):
         if not t.get("messages") or t["messages"][-1].get("role") != "user":
-            sys.exit(f"error: {path}: test #{k + 1} ({t.get('name', '?')}) must end with a user message")
+            raise common.UserError(f"{path}: test #{k + 1} ({t.get('name', '?')}) must end with a user message")
     return tests
 
 
@@ -73,7 +72,7 @@ def wrap(text, width):
 
 def side_by_side(answers):
     """Two answers in two columns, labelled by side."""
-    columns = shutil.get_terminal_size((100, 24)).columns
+    columns = shutil.get_terminal_size((100, 24)).columns  # (100, 24) when not a terminal (a pipe, a test)
     col = max(20, (columns - 3) // 2)
     (left_name, left), (right_name, right) = answers.items()
     print(f"{'─' * 10} side by side {'─' * 10}")
@@ -85,7 +84,7 @@ def side_by_side(answers):
 
 def stream_answer(model, tokenizer, messages, tools, settings, side, seed):
     """Stream one answer to the terminal as `side` and print its speed; returns the result dict."""
-    seed_all(seed)
+    seed_all(seed)  # the same seed before each side: with sampling on, base and tuned differ by weights alone
     with common.answering_as(model, side):
         result = common.generate_local(model, tokenizer, [(messages, tools)], settings, batch_size=1,
                                        on_text=lambda piece: print(piece, end="", flush=True))[0]
@@ -151,6 +150,7 @@ def chat(model, tokenizer, settings, sides, seed):
             continue
         for s in sides:
             history[s].append({"role": "user", "content": text})
+        # the system prompt is kept apart from the history and put first at each turn: /reset keeps it
         convs = {s: ([{"role": "system", "content": system}] if system else []) + history[s] for s in sides}
         try:
             answers = answer_all_sides(model, tokenizer, convs, None, settings, sides, seed)
@@ -165,6 +165,7 @@ def chat(model, tokenizer, settings, sides, seed):
 
 # ---------------------------------------------------------------- main
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--adapter", help="adapter folder: outputs/<run>[/adapter | /adapter_last | "

@@ -34,7 +34,6 @@ import random
 import re
 import shutil
 import signal
-import socket
 import sys
 import tempfile
 import time
@@ -73,10 +72,6 @@ def say(*args):
         print(*args, flush=True)
 
 
-def fail(message):
-    raise SystemExit(f"error: {message}")
-
-
 # ---------------------------------------------------------------- backend and device plan
 
 def validate(cfg):
@@ -84,7 +79,8 @@ def validate(cfg):
     trackers' packages, before anything is loaded."""
     t = cfg["training"]
     if t["generation_eval_every"] < 0 or t["generation_eval_samples"] < 1:
-        fail("training.generation_eval_every must be >= 0 (0 = off) and training.generation_eval_samples >= 1")
+        raise common.UserError("training.generation_eval_every must be >= 0 (0 = off) and "
+                               "training.generation_eval_samples >= 1")
     check_trackers(t["report_to"])
 
 
@@ -95,10 +91,12 @@ def check_trackers(report_to):
     """Every tracker asked for is known and installed: a clear error before any weight is loaded."""
     for name in report_to:
         if name not in TRACKERS:
-            fail(f"training.report_to: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} ([] = none)")
-        if not _has_module(TRACKERS[name]):
-            fail(f"training.report_to asks for {name}, but the {TRACKERS[name]} package is not installed: "
-                 f"pip install {TRACKERS[name]}, or drop it, e.g. --set training.report_to=[]")
+            raise common.UserError(f"training.report_to: unknown tracker {name!r}; choose from "
+                                   f"{', '.join(TRACKERS)} ([] = none)")
+        if not common.package_installed(TRACKERS[name]):
+            raise common.UserError(f"training.report_to asks for {name}, but the {TRACKERS[name]} package is "
+                                   f"not installed: pip install {TRACKERS[name]}, or drop it, e.g. --set "
+                                   f"training.report_to=[]")
 
 
 def check_extra(cfg):
@@ -106,6 +104,7 @@ def check_extra(cfg):
     so do fields this config already has a key for (one name for one thing)."""
     import dataclasses
     import difflib
+
     from trl import SFTConfig
     fields = {f.name for f in dataclasses.fields(SFTConfig)}
     # SFTConfig fields that other config keys feed (sft_args): set those keys, so one name means one thing.
@@ -115,18 +114,19 @@ def check_extra(cfg):
            "run_name": "training.run_name", "data_seed": "training.seed"}
     for name in cfg["training"]["extra"]:
         if name in own:
-            fail(f"training.extra.{name}: set {own[name]} instead")
+            raise common.UserError(f"training.extra.{name}: set {own[name]} instead")
         if name not in fields:
             close = difflib.get_close_matches(name, sorted(fields), n=3, cutoff=0.6)
-            fail(f"training.extra.{name} is not an SFTConfig field" +
-                 (f"; did you mean {', '.join(close)}?" if close else " (see TRL's SFTConfig and TrainingArguments)"))
+            hint = f"; did you mean {', '.join(close)}?" if close else " (see TRL's SFTConfig and TrainingArguments)"
+            raise common.UserError(f"training.extra.{name} is not an SFTConfig field{hint}")
 
 
 def pick_backend(cfg):
     """("unsloth" | "transformers", why). Decided before transformers/trl/peft are imported."""
-    want, cuda, unsloth = cfg["training"]["backend"], common.has_cuda(), common.unsloth_available()
+    want, cuda, unsloth = cfg["training"]["backend"], common.has_cuda(), common.package_installed("unsloth")
     if want == "unsloth" and not (cuda and unsloth):
-        fail("training.backend=unsloth needs a CUDA GPU and the unsloth package (pip install -r requirements.txt)")
+        raise common.UserError("training.backend=unsloth needs a CUDA GPU and the unsloth package "
+                               "(pip install -r requirements.txt)")
     if want == "unsloth" or (want == "auto" and cuda and unsloth):
         return "unsloth", "Unsloth (CUDA)"
     if not cuda:
@@ -210,10 +210,10 @@ def base_plan(cfg, backend, cuda):
     plan["dtype_name"] = str(dtype).replace("torch.", "")
     if plan["gradient_checkpointing"] == "unsloth" and backend != "unsloth":
         plan["gradient_checkpointing"] = True  # Unsloth's offloaded variant exists only under Unsloth
-    if "8bit" in plan["optim"] and not (cuda and _has_module("bitsandbytes")):
+    if "8bit" in plan["optim"] and not (cuda and common.package_installed("bitsandbytes")):
         plan["notes"].append(f"optim {plan['optim']} needs bitsandbytes on CUDA: adamw_torch")
         plan["optim"] = "adamw_torch"
-    if plan["load_in_4bit"] and backend == "transformers" and not _has_module("bitsandbytes"):
+    if plan["load_in_4bit"] and backend == "transformers" and not common.package_installed("bitsandbytes"):
         plan["notes"].append("no bitsandbytes: 16-bit LoRA instead of 4-bit")
         plan["load_in_4bit"] = False
     return plan
@@ -238,11 +238,6 @@ def apply_memory_profile(cfg, plan, mc, gpu_bytes):
             return trial
         say(f"memory profile {name}: the estimate does not fit {gib:.0f} GiB, trying a smaller one")
     return plan
-
-
-def _has_module(name):
-    import importlib.util
-    return importlib.util.find_spec(name) is not None
 
 
 def remedies(cfg, plan):
@@ -281,16 +276,17 @@ def empty_arrow_split(path):
         return not json.load(f).get("_data_files")
 
 
-def load_rows(cfg, split):
+def load_built_split(cfg, split):
+    """A built split (train or validation) as a Dataset; UserError when it is missing or empty."""
     ds = None
     if not empty_arrow_split(split_path(cfg, split)):
         try:
             ds = common.load_split(cfg, split)
         except FileNotFoundError as err:
-            fail(str(err))
+            raise common.UserError(str(err)) from None
     if ds is None or len(ds) == 0:
-        fail(f"the {split} split at {split_path(cfg, split)} is empty: rebuild the data with "
-             f"`python build_datasets.py` (check data.sources and data.valid_ratio)")
+        raise common.UserError(f"the {split} split at {split_path(cfg, split)} is empty: rebuild the data with "
+                               f"`python build_datasets.py` (check data.sources and data.valid_ratio)")
     return ds
 
 
@@ -319,16 +315,14 @@ def tokenize_rows(ds, tokenizer, cfg, split):
         where = f"{split} row {i} (source {row.get('source') or '?'})"
         messages, tools = common.row_to_chat(row)
         try:
-            enc = common.tokenize_conversation(tokenizer, messages, tools, assistant_only=sft["assistant_only_loss"],
-                                               train_on_turns=sft["train_on_turns"],
-                                               train_tool_calls=sft["train_tool_calls"])
+            enc = common.tokenize_for_training(tokenizer, messages, tools, sft)
         except common.DataError as err:
-            fail(f"{split_path(cfg, split)}: {where}: {err}")
+            raise common.UserError(f"{split_path(cfg, split)}: {where}: {err}") from None
         ids, labels, reason = enc["input_ids"], enc["labels"], None
         if len(ids) > max_len:
             if policy == "fail":
-                fail(f"{where}: {len(ids)} tokens > model.max_seq_length={max_len}. Set sft.overlong_policy=drop "
-                     f"or truncate, or raise model.max_seq_length")
+                raise common.UserError(f"{where}: {len(ids)} tokens > model.max_seq_length={max_len}. Set "
+                                       f"sft.overlong_policy=drop or truncate, or raise model.max_seq_length")
             fits = [end for end in enc["turn_ends"] if end is not None and end <= max_len]
             if policy == "truncate" and fits:
                 ids, labels, reason = ids[:max(fits)], labels[:max(fits)], "truncated"
@@ -351,8 +345,8 @@ def tokenize_rows(ds, tokenizer, cfg, split):
         f"{counts['trained_tokens']:,} with loss); over {max_len} tokens: {counts['truncated']} truncated to whole "
         f"turns, {counts['dropped_overlong']} dropped; {counts['dropped_no_target']} dropped with no trained token")
     if counts["kept"] == 0:
-        fail(f"no {split} row is left after the length policy: raise model.max_seq_length "
-             f"or set sft.overlong_policy=truncate")
+        raise common.UserError(f"no {split} row is left after the length policy: raise model.max_seq_length "
+                               f"or set sft.overlong_policy=truncate")
     import datasets
     return datasets.Dataset.from_dict(out), counts, rejects
 
@@ -372,15 +366,16 @@ def read_model_config(cfg):
     name = cfg["model"]["name"]
     reason = common.model_unavailable_reason(name)
     if reason:
-        fail(f"model {name!r} cannot be loaded: {reason}. Download it where the hub is reachable "
-             f"(hf download {name}) or set model.name to a local folder")
+        raise common.UserError(f"model {name!r} cannot be loaded: {reason}. Download it where the hub is reachable "
+                               f"(hf download {name}) or set model.name to a local folder")
     from transformers import AutoConfig
     path = common.resolve_model_path(name)
     mc = AutoConfig.from_pretrained(path).get_text_config()
     limit = getattr(mc, "max_position_embeddings", None)
     if limit and cfg["model"]["max_seq_length"] > limit:
-        fail(f"model.max_seq_length={cfg['model']['max_seq_length']} is over {name}'s maximum of {limit} "
-             f"positions (max_position_embeddings): lower it, e.g. --set model.max_seq_length={min(limit, 2048)}")
+        raise common.UserError(f"model.max_seq_length={cfg['model']['max_seq_length']} is over {name}'s maximum of "
+                               f"{limit} positions (max_position_embeddings): lower it, e.g. --set "
+                               f"model.max_seq_length={min(limit, 2048)}")
     return path, mc
 
 
@@ -390,6 +385,7 @@ def use_torch_varlen_attention():
     kernel only where `varlen_attn` has `enable_gqa` (torch 2.12); torch 2.11's flash kernel takes fewer K/V
     heads than query heads as they are. The packing-isolation check still runs on whatever this picks."""
     import inspect
+
     import torch
     try:
         from unsloth.utils import attention_dispatch as dispatch
@@ -509,6 +505,7 @@ def build_trainer(model, tokenizer, args, train_ds, eval_ds=None, callbacks=()):
     step's targets over all k micro-batches (and ranks); the trainer then divides by k, and the step sums to
     sum(loss) / N, the same on every backend."""
     import logging
+
     from trl import SFTTrainer
     logging.getLogger("unsloth_zoo.log").addFilter(drop_uncounted_note)  # skips one already there
 
@@ -583,32 +580,49 @@ def check_packing_isolation(model, tokenizer, args=None):
             return False, "the packed batch has no position_ids: nothing tells the model where samples start"
         starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
         model.eval()  # no dropout: both sides must be deterministic
-        ids = batch["input_ids"][0].tolist()
-        tol = 5e-3 if (args.bf16 or args.fp16) else 1e-4
-        gaps = {"alone": 0.0, "leak": 0.0, "neighbours": 0.0, "leak_neighbours": 0.0}
-        for i, (a, b) in enumerate(zip(starts, starts[1:])):
-            row = next(r for r in rows if r["input_ids"] == ids[a:b])
-            labels = torch.full_like(batch["labels"], -100)
-            labels[:, a:b] = batch["labels"][:, a:b]
-            inside = _loss_sum(trainer, model, {**batch, "labels": labels})
-            alone = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": row["input_ids"],
-                                                                       "labels": row["labels"]}]))
-            # What a leaking batch gives: the whole packed row as one sequence, loss on this sample only.
-            leak = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": ids, "labels": labels[0].tolist()}]))
-            gaps["alone"] = max(gaps["alone"], abs(inside - alone) / max(abs(alone), 1e-9))
-            gaps["leak"] = max(gaps["leak"], abs(leak - alone) / max(abs(alone), 1e-9))
-            if i == 0:
-                continue  # causal: nothing comes before the first sample, in a leaking row either
-            changed = ids[:starts[0]] + [t for c, d in zip(starts, starts[1:i + 1]) for t in ids[c:d][::-1]] + ids[a:]
-            swapped = _loss_sum(trainer, model, {**batch, "labels": labels,
-                                                 "input_ids": torch.tensor([changed], device=batch["input_ids"].device)})
-            leak_swapped = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": changed,
-                                                                             "labels": labels[0].tolist()}]))
-            gaps["neighbours"] = max(gaps["neighbours"], abs(swapped - inside) / max(abs(inside), 1e-9))
-            gaps["leak_neighbours"] = max(gaps["leak_neighbours"], abs(leak_swapped - leak) / max(abs(leak), 1e-9))
+        gaps = packing_gaps(trainer, model, batch, rows, starts)
     finally:
         model.train(was_training)
         del trainer
+    return packing_verdict(gaps, 5e-3 if (args.bf16 or args.fp16) else 1e-4)
+
+
+def relative_gap(a, b):
+    return abs(a - b) / max(abs(b), 1e-9)
+
+
+def packing_gaps(trainer, model, batch, rows, starts):
+    """The largest relative loss gaps over the packed samples (see check_packing_isolation): "alone" (packed vs
+    alone), "leak" (a leaking batch vs alone), "neighbours" (earlier samples reversed, packed) and
+    "leak_neighbours" (the same in a leaking batch)."""
+    import torch
+    ids = batch["input_ids"][0].tolist()
+    gaps = {"alone": 0.0, "leak": 0.0, "neighbours": 0.0, "leak_neighbours": 0.0}
+    for i, (a, b) in enumerate(zip(starts, starts[1:])):
+        row = next(r for r in rows if r["input_ids"] == ids[a:b])
+        labels = torch.full_like(batch["labels"], -100)
+        labels[:, a:b] = batch["labels"][:, a:b]
+        inside = _loss_sum(trainer, model, {**batch, "labels": labels})
+        alone = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": row["input_ids"],
+                                                                   "labels": row["labels"]}]))
+        # What a leaking batch gives: the whole packed row as one sequence, loss on this sample only.
+        leak = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": ids, "labels": labels[0].tolist()}]))
+        gaps["alone"] = max(gaps["alone"], relative_gap(inside, alone))
+        gaps["leak"] = max(gaps["leak"], relative_gap(leak, alone))
+        if i == 0:
+            continue  # causal: nothing comes before the first sample, in a leaking row either
+        changed = ids[:starts[0]] + [t for c, d in zip(starts, starts[1:i + 1]) for t in ids[c:d][::-1]] + ids[a:]
+        swapped = _loss_sum(trainer, model, {**batch, "labels": labels,
+                                             "input_ids": torch.tensor([changed], device=batch["input_ids"].device)})
+        leak_swapped = _loss_sum(trainer, model, trainer.data_collator([{"input_ids": changed,
+                                                                         "labels": labels[0].tolist()}]))
+        gaps["neighbours"] = max(gaps["neighbours"], relative_gap(swapped, inside))
+        gaps["leak_neighbours"] = max(gaps["leak_neighbours"], relative_gap(leak_swapped, leak))
+    return gaps
+
+
+def packing_verdict(gaps, tol):
+    """(ok, message) from packing_gaps' answer at relative tolerance tol (a tenth of it for the neighbours)."""
     detail = (f"packed vs alone: max relative difference {gaps['alone']:.1e} (tolerance {tol:.0e}), a leaking "
               f"batch {gaps['leak']:.1e}; earlier samples changed: {gaps['neighbours']:.1e} (tolerance "
               f"{tol / 10:.0e}), in a leaking batch {gaps['leak_neighbours']:.1e}")
@@ -653,14 +667,14 @@ def latest_checkpoint(run_dir):
     return None
 
 
-def resolve_run(cfg, resume):
-    """(run_dir, checkpoint to resume from or None)."""
+def run_and_checkpoint(cfg, resume):
+    """(run folder, checkpoint to resume from or None): a new run's folder (common.new_run_name), or the one
+    --resume points at or picks."""
     out = common.path_in_repo(cfg["output"]["dir"])
     name = cfg["training"]["run_name"]
     if resume is None:
-        slug = re.sub(r"[^A-Za-z0-9._-]+", "-", os.path.basename(cfg["model"]["name"].rstrip("/")))
-        name = name or f"{slug}-{time.strftime('%Y%m%d-%H%M%S')}"
-        return os.path.join(out, shared_value(name)), None
+        # rank 0's name on every rank: the name holds a timestamp, and ranks start seconds apart
+        return os.path.join(out, shared_value(common.new_run_name(cfg))), None
     if resume == "latest":
         runs = [os.path.join(out, name)] if name else sorted(
             glob.glob(os.path.join(out, "*")), key=os.path.getmtime, reverse=True)
@@ -668,17 +682,18 @@ def resolve_run(cfg, resume):
             ckpt = latest_checkpoint(run)
             if ckpt:
                 return run, ckpt
-        fail(f"--resume: no complete checkpoint under {runs[0] if name else out}/*/checkpoints: "
-             f"start without --resume, or pass a checkpoint folder")
+        raise common.UserError(f"--resume: no complete checkpoint under {runs[0] if name else out}/*/checkpoints: "
+                               f"start without --resume, or pass a checkpoint folder")
     path = os.path.abspath(resume)
     if os.path.isdir(os.path.join(path, "checkpoints")):
         ckpt = latest_checkpoint(path)
         if ckpt:
             return path, ckpt
-        fail(f"--resume {resume}: no complete checkpoint in {path}/checkpoints")
+        raise common.UserError(f"--resume {resume}: no complete checkpoint in {path}/checkpoints")
     missing = complete_checkpoint(path) if os.path.isdir(path) else "no such folder"
     if missing:
-        fail(f"--resume {resume}: not a complete checkpoint ({missing}); pass a run folder to pick its newest one")
+        raise common.UserError(f"--resume {resume}: not a complete checkpoint ({missing}); pass a run folder to pick "
+                               f"its newest one")
     return os.path.dirname(os.path.dirname(path)), path
 
 
@@ -686,9 +701,12 @@ def shared_value(value):
     """Rank 0's value on every rank (the run name holds a timestamp, which ranks would not agree on)."""
     if WORLD_SIZE == 1:
         return value
+    import torch
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
-    PartialState()
+    # Without cpu=True a CPU run (torchrun + gloo) is DistributedType.NO to accelerate: the broadcast then does
+    # nothing and each rank keeps its own timestamp (two run folders when the ranks start a second apart).
+    PartialState(cpu=not torch.cuda.is_available())
     return broadcast_object_list([value])[0]
 
 
@@ -741,7 +759,8 @@ def save_adapter(trainer, tokenizer, cfg, adapter_dir):
     if cfg["model"]["chat_template"]:
         tokenizer.chat_template = common.chat_template(cfg["model"]["chat_template"])
     if re.search(r"\{%-?\s*generation", tokenizer.chat_template or ""):
-        fail("the tokenizer carries a training chat template ({% generation %}); refusing to save it with the adapter")
+        raise common.UserError("the tokenizer carries a training chat template ({% generation %}); refusing to save "
+                               "it with the adapter")
     tokenizer.save_pretrained(adapter_dir)
 
 
@@ -779,7 +798,7 @@ def plot_losses(metrics_path, png_path, title):
     generation = {key: [(r["step"], r[key]) for r in rows if key in r] for key in ("eval_usability", "eval_json_validity")}
     if any(generation.values()):  # a second panel: training.generation_eval_every
         fig, (ax, ax2) = plt.subplots(2, 1, figsize=(9, 8), dpi=120, sharex=True, height_ratios=(3, 2))
-        for (key, points), label in zip(generation.items(), ("usability rate", "JSON validity (json-only rows)")):
+        for (_key, points), label in zip(generation.items(), ("usability rate", "JSON validity (json-only rows)")):
             if points:
                 ax2.plot(*zip(*points), "s-", lw=2, label=label)
         ax2.set(xlabel="optimizer step", ylabel="share of answers (greedy)", ylim=(-0.05, 1.05))
@@ -834,30 +853,13 @@ def run_callback(run, cfg):
                     logs["peak_vram_gib"] = round(torch.cuda.max_memory_reserved() / GIB, 2)
             if "eval_loss" in logs:
                 logs["eval_ppl"] = round(math.exp(min(logs["eval_loss"], 50)), 4)
-                self.check_overfitting(args, state, logs)
-                evals_before = sum("eval_loss" in r for r in state.log_history) - 1  # the Trainer logged this one
-                every = cfg["training"]["generation_eval_every"]
-                if every and evals_before % every == 0 and state.is_world_process_zero:
+                warn_overfitting(run, self.evals, self.train_losses, args, state, logs)
+                if generation_eval_due(state, cfg["training"]["generation_eval_every"]):
                     logs.update(generation_metrics(kwargs["model"], kwargs["processing_class"], run["gen_rows"], cfg))
             record.update({k: v for k, v in logs.items() if isinstance(v, (int, float))})
             if state.is_world_process_zero:
                 with open(run["metrics"], "a", encoding="utf-8") as f:
                     f.write(json.dumps(record) + "\n")
-
-        def check_overfitting(self, args, state, logs):
-            train = sum(self.train_losses) / len(self.train_losses) if self.train_losses else None
-            self.train_losses = []
-            self.evals.append((logs["eval_loss"], train))
-            streak = 0
-            for (e0, t0), (e1, t1) in zip(self.evals, self.evals[1:]):
-                rising = e1 > e0 and t0 is not None and t1 is not None and t1 < t0
-                streak = streak + 1 if rising else 0
-            if streak >= run["overfit_patience"] > 0:
-                logs["overfitting"] = 1
-                run["overfit_steps"].append(state.global_step)
-                hint = "" if args.metric_for_best_model else ", or --set training.early_stopping_patience=2"
-                say(f"\nwarning: eval loss rose {streak} evals in a row (now {logs['eval_loss']:.4f}) while train loss "
-                    f"fell: overfitting. Consider fewer epochs, a lower learning rate or more data{hint}")
 
         def on_evaluate(self, args, state, control, metrics=None, **kwargs):
             # A new best eval loss is saved at once, whatever save_steps says: adapter/ is built from it at the end.
@@ -873,18 +875,53 @@ def run_callback(run, cfg):
 
         def on_step_end(self, args, state, control, **kwargs):
             stop_for_test(state.global_step, "step")
-            stop = run["interrupted"]
-            if WORLD_SIZE > 1:  # every rank must stop at the same step
-                flag = torch.tensor([int(stop)], device=args.device)
-                torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-                stop = bool(flag.item())
-            if stop:
+            if any_rank(run["interrupted"], args.device):
                 run["interrupted"] = True
                 control.should_save = True
                 control.should_training_stop = True
             return control
 
     return RunCallback()
+
+
+def warn_overfitting(run, evals, train_losses, args, state, logs):
+    """Add this eval to `evals` with the mean of the train losses logged since the previous one (then cleared);
+    mark the log and warn once the eval loss rose training.overfit_patience evals in a row as train loss fell."""
+    evals.append((logs["eval_loss"], sum(train_losses) / len(train_losses) if train_losses else None))
+    train_losses.clear()
+    streak = overfitting_streak(evals)
+    if streak >= run["overfit_patience"] > 0:
+        logs["overfitting"] = 1
+        run["overfit_steps"].append(state.global_step)
+        hint = "" if args.metric_for_best_model else ", or --set training.early_stopping_patience=2"
+        say(f"\nwarning: eval loss rose {streak} evals in a row (now {logs['eval_loss']:.4f}) while train loss "
+            f"fell: overfitting. Consider fewer epochs, a lower learning rate or more data{hint}")
+
+
+def generation_eval_due(state, every):
+    """Generation metrics at every `every`-th eval, the start eval counting as the 0th; rank 0 only (0 = off)."""
+    evals_before = sum("eval_loss" in r for r in state.log_history) - 1  # the Trainer logged the current one
+    return bool(every) and evals_before % every == 0 and state.is_world_process_zero
+
+
+def overfitting_streak(evals):
+    """How many evals in a row, up to the last, had the eval loss rise while the mean train loss since the
+    previous eval fell. evals: [(eval loss, mean train loss or None)]."""
+    streak = 0
+    for (e0, t0), (e1, t1) in zip(evals, evals[1:]):
+        rising = e1 > e0 and t0 is not None and t1 is not None and t1 < t0
+        streak = streak + 1 if rising else 0
+    return streak
+
+
+def any_rank(flag, device):
+    """True on every rank when it is True on any: all ranks must stop at the same step, or DDP hangs."""
+    if WORLD_SIZE == 1:
+        return flag
+    import torch
+    value = torch.tensor([int(flag)], device=device)
+    torch.distributed.all_reduce(value, op=torch.distributed.ReduceOp.MAX)
+    return bool(value.item())
 
 
 def stop_for_test(step, where):
@@ -969,20 +1006,12 @@ def tracker_callbacks(cfg, run_dir, resume_step):
             out.append(callback)
         elif name == "wandb":
             os.environ.setdefault("WANDB_DIR", run_dir)
-            if "WANDB_MODE" not in os.environ and not reachable("api.wandb.ai", 443):
+            if "WANDB_MODE" not in os.environ and not common.tcp_reachable("api.wandb.ai", 443):
                 os.environ["WANDB_MODE"] = "offline"
                 say(f"W&B: no connection to its server, logging offline under {run_dir}/wandb "
                     f"(upload later with `wandb sync`)")
             out.append(WandbCallback())
     return out
-
-
-def reachable(host, port, timeout_s=3):
-    try:
-        socket.create_connection((host, port), timeout=timeout_s).close()
-        return True
-    except OSError:
-        return False
 
 
 def on_sigint(run):
@@ -1034,8 +1063,9 @@ def check_trainer_labels(trainer, counts):
     for split, ds in (("train", trainer.train_dataset), ("validation", trainer.eval_dataset)):
         got = trained_token_count(ds)
         if got != counts[split]["trained_tokens"]:
-            fail(f"the trainer changed the {split} loss mask ({got:,} trained tokens after its preparation, "
-                 f"{counts[split]['trained_tokens']:,} in ours): refusing to train on it")
+            raise common.UserError(f"the trainer changed the {split} loss mask ({got:,} trained tokens after its "
+                                   f"preparation, {counts[split]['trained_tokens']:,} in ours): refusing to train "
+                                   f"on it")
 
 
 def write_run_record(run, cfg, extra, rejects, resume_from):
@@ -1060,7 +1090,8 @@ def train_or_explain(trainer, run, resume_from, cfg, plan, mem):
     try:
         return trainer.train(resume_from_checkpoint=resume_from)
     except torch.OutOfMemoryError:
-        fail(f"out of GPU memory (estimate {mem['train']:.1f} GiB). Remedies, in order:\n{remedies(cfg, plan)}")
+        raise common.UserError(f"out of GPU memory (estimate {mem['train']:.1f} GiB). Remedies, in order:\n"
+                               f"{remedies(cfg, plan)}") from None
     finally:
         signal.signal(signal.SIGINT, signal.default_int_handler)
 
@@ -1089,7 +1120,7 @@ def write_summary(run, trainer, result, extra, gpu_bytes):
     return summary
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     config.add_config_args(parser)
     parser.add_argument("--resume", nargs="?", const="latest", default=None, metavar="PATH",
@@ -1097,87 +1128,92 @@ def main():
     parser.add_argument("--check-packing", action="store_true",
                         help="load the model as for training, run the packing-isolation check, print it, exit")
     args = parser.parse_args()
-    cfg = config.resolve(args, parser, quiet=not IS_MAIN)
-    t = cfg["training"]
-    random.seed(t["seed"])
-    validate(cfg)
+    return args, config.resolve(args, parser, quiet=not IS_MAIN)
 
-    # ---- backend first: Unsloth must be imported before transformers / trl / peft
-    allocator = use_expandable_segments(cfg)  # before anything touches CUDA
-    backend, why = pick_backend(cfg)
-    say(f"Backend: {backend} ({why}); processes: {WORLD_SIZE}; CUDA allocator: {allocator}")
 
-    # ---- data and model checks, before any weight is loaded
-    run_dir, resume_from = (None, None) if args.check_packing else resolve_run(cfg, args.resume)
-    raw = {} if args.check_packing else {split: load_rows(cfg, split) for split in ("train", "validation")}
+def load_checked_model(cfg, backend):
+    """Config checks that need TRL or the model's config.json, the device plan, then the model and tokenizer:
+    (model, tokenizer, plan, memory estimate, GPU bytes)."""
     if backend == "unsloth":
         common.import_unsloth_first()
     import torch
-    torch.manual_seed(t["seed"])
+    torch.manual_seed(cfg["training"]["seed"])
     check_extra(cfg)
     model_path, mc = read_model_config(cfg)
     plan, mem, gpu_bytes = make_plan(cfg, backend, mc)
-
-    # ---- model, tokenizer; our tokenization and loss mask
     model, tokenizer = load_for_training(cfg, backend, model_path, plan)
-    if args.check_packing:
-        ok, message = decide_packing(model, tokenizer, dict(cfg, sft={**cfg["sft"], "packing": True}), plan)
-        say(f"Packing check ({backend}): {'PASS' if ok else 'FAIL'}: {message}")
-        sys.exit(0 if ok else 1)
+    return model, tokenizer, plan, mem, gpu_bytes
+
+
+def check_packing_only(cfg, backend):
+    """--check-packing: the isolation check on the model as training loads it; the exit code is its verdict."""
+    model, tokenizer, plan, _, _ = load_checked_model(cfg, backend)
+    ok, message = decide_packing(model, tokenizer, dict(cfg, sft={**cfg["sft"], "packing": True}), plan)
+    say(f"Packing check ({backend}): {'PASS' if ok else 'FAIL'}: {message}")
+    return 0 if ok else 1
+
+
+def tokenize_splits(raw, tokenizer, cfg):
+    """(tokenized splits, their counts, every rejected row) with our chat template and loss mask."""
     say("Tokenizing with the chat template and the assistant-only loss mask:")
     data, counts, rejects = {}, {}, []
     for split, ds in raw.items():
         data[split], counts[split], split_rejects = tokenize_rows(ds, tokenizer, cfg, split)
         rejects += split_rejects
+    return data, counts, rejects
 
-    # ---- trainer: packing only where a packed sample provably gets the loss it gets alone
-    packing, packing_note = decide_packing(model, tokenizer, cfg, plan)
-    say(f"Packing: {packing_note}")
-    run = {"dir": run_dir, "metrics": os.path.join(run_dir, "metrics.jsonl"), "interrupted": False, "sigint_at": 0,
-           "overfit_steps": [], "overfit_patience": t["overfit_patience"], "tokens_at_start": 0,
-           "gen_rows": generation_sample(cfg, raw["validation"]) if t["generation_eval_every"] else []}
+
+def new_run_state(run_dir, cfg, validation):
+    """What the callbacks share with main(): the metrics file, Ctrl-C, overfitting warnings, generation rows."""
+    t = cfg["training"]
+    return {"dir": run_dir, "metrics": os.path.join(run_dir, "metrics.jsonl"), "interrupted": False,
+            "sigint_at": 0, "overfit_steps": [], "overfit_patience": t["overfit_patience"], "tokens_at_start": 0,
+            "gen_rows": generation_sample(cfg, validation) if t["generation_eval_every"] else []}
+
+
+def make_callbacks(run, cfg, resume_from):
+    """Ours (metrics, Ctrl-C, best checkpoints), the trackers', and early stopping when configured."""
     resume_step = int(resume_from.rsplit("-", 1)[1]) if resume_from else 0
-    callbacks = [run_callback(run, cfg)] + (tracker_callbacks(cfg, run_dir, resume_step) if IS_MAIN else [])
-    if t["early_stopping_patience"]:
+    callbacks = [run_callback(run, cfg)] + (tracker_callbacks(cfg, run["dir"], resume_step) if IS_MAIN else [])
+    if cfg["training"]["early_stopping_patience"]:
         import logging
+
         from transformers import EarlyStoppingCallback
         # Its "without load_best_model_at_end ... the best model will not be loaded" is not so here: save_adapters
         # writes the best step's weights as adapter/.
         logging.getLogger("transformers.trainer_callback").addFilter(
             lambda record: "load_best_model_at_end" not in str(record.msg))
-        callbacks.append(EarlyStoppingCallback(early_stopping_patience=t["early_stopping_patience"]))
-    args_ = sft_args(cfg, plan, os.path.join(run_dir, "checkpoints"), packing, resuming=resume_from is not None)
-    trainer = build_trainer(model, tokenizer, args_, data["train"], data["validation"], callbacks)
-    add_save_test_hook(trainer)
-    check_trainer_labels(trainer, counts)
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg["training"]["early_stopping_patience"]))
+    return callbacks
+
+
+def run_extra(cfg, backend, plan, mem, packing_note, model, tokenizer, counts):
+    """What config.json and summary.json record beside the config: backend, plan, sizes, data and template."""
     trainable, total = model.get_nb_trainable_parameters()
     say(f"Trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.2f}%)")
     extra = {"backend": backend, "plan": plan, "packing": packing_note, "world_size": WORLD_SIZE,
              "effective_batch": plan["batch"] * plan["accum"] * WORLD_SIZE, "memory_estimate_gib": mem,
              "trainable_params": trainable, "total_params": total,
              "chat_template_md5": hashlib.md5((tokenizer.chat_template or "").encode()).hexdigest(),
-             "data": {split: {"path": split_path(cfg, split), **counts[split]} for split in data}}
+             "data": {split: {"path": split_path(cfg, split), **counts[split]} for split in counts}}
     if IS_MAIN:
-        for split in data:
+        for split in counts:
             extra["data"][split]["md5"] = split_md5(split_path(cfg, split))
-        write_run_record(run, cfg, extra, rejects, resume_from)
-    say(f"Run folder: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
+    return extra
 
-    # ---- train, final eval, adapter
-    result = train_or_explain(trainer, run, resume_from, cfg, plan, mem)
+
+def finish_training(trainer, run, tokenizer, cfg, extra):
+    """A final eval at the final step (the summary's eval loss is there), then the adapters unless interrupted."""
     evals = [r for r in trainer.state.log_history if "eval_loss" in r]
     if not run["interrupted"] and (not evals or evals[-1]["step"] != trainer.state.global_step):
-        trainer.evaluate()  # the summary's final eval loss is at the final step
-    adapter_dir = os.path.join(run_dir, "adapter")
+        trainer.evaluate()
     if not run["interrupted"]:
-        extra["adapters"] = save_adapters(trainer, tokenizer, cfg, run_dir)
-    if not IS_MAIN:
-        return
+        extra["adapters"] = save_adapters(trainer, tokenizer, cfg, run["dir"])
 
-    # ---- summary, plot, where everything is
-    summary = write_summary(run, trainer, result, extra, gpu_bytes)
-    plot_losses(run["metrics"], os.path.join(run_dir, "loss.png"), f"{os.path.basename(run_dir)} ({backend})")
-    ckpt = latest_checkpoint(run_dir)
+
+def print_outcome(run, summary, extra, rejects, cfg):
+    """How it went, where each output is, and the --resume command after Ctrl-C (exit code 130)."""
+    run_dir, ckpt = run["dir"], latest_checkpoint(run["dir"])
     say(f"\nDone in {summary['runtime_s']:.0f} s, step {summary['global_step']}/{summary['max_steps']}"
         f"{' (early stopping: no better eval loss)' if summary['stopped_early'] else ''}, "
         f"{summary['tokens_per_s']:,.0f} tokens/s; final train loss {summary['final_train_loss']}, "
@@ -1187,11 +1223,11 @@ def main():
         say(f"Best eval loss {adapters['best_eval_loss']:.4f} at step {adapters['best_step']}: adapter/ holds step "
             f"{adapters['adapter_step']}" + (f"; adapter_last/ holds the final step {summary['global_step']}"
                                               if adapters["adapter_last"] else " (the final step)"))
-    for label, path in [("adapter", None if run["interrupted"] else adapter_dir),
+    for label, path in [("adapter", None if run["interrupted"] else "adapter"),
                         ("adapter_last", adapters and adapters["adapter_last"]), ("checkpoint", ckpt),
                         ("config", "config.json"), ("metrics", "metrics.jsonl"), ("summary", "summary.json"),
                         ("loss plot", "loss.png"), ("rejects", "rejects.jsonl" if rejects else None),
-                        ("tensorboard", "tensorboard" if "tensorboard" in t["report_to"] else None)]:
+                        ("tensorboard", "tensorboard" if "tensorboard" in cfg["training"]["report_to"] else None)]:
         if path:
             say(f"  {label:<12} {os.path.join(run_dir, path)}")
     if run["interrupted"]:
@@ -1201,6 +1237,51 @@ def main():
         say(f"Interrupted: checkpoint saved at step {summary['global_step']}. Continue with: python train.py "
             f"--resume {where} (same launcher, --profile and --set)")
         sys.exit(130)
+
+
+@common.exits_on_user_error
+def main():
+    args, cfg = parse_args()
+    random.seed(cfg["training"]["seed"])
+    validate(cfg)
+
+    # ---- backend first: Unsloth must be imported before transformers / trl / peft
+    allocator = use_expandable_segments(cfg)  # before anything touches CUDA
+    backend, why = pick_backend(cfg)
+    say(f"Backend: {backend} ({why}); processes: {WORLD_SIZE}; CUDA allocator: {allocator}")
+    if args.check_packing:  # a mode of its own: no data, no run folder
+        sys.exit(check_packing_only(cfg, backend))
+
+    # ---- data and model checks, before any weight is loaded; then model, tokenizer, our loss mask
+    run_dir, resume_from = run_and_checkpoint(cfg, args.resume)
+    raw = {split: load_built_split(cfg, split) for split in ("train", "validation")}
+    model, tokenizer, plan, mem, gpu_bytes = load_checked_model(cfg, backend)
+    data, counts, rejects = tokenize_splits(raw, tokenizer, cfg)
+
+    # ---- trainer: packing only where a packed sample provably gets the loss it gets alone
+    packing, packing_note = decide_packing(model, tokenizer, cfg, plan)
+    say(f"Packing: {packing_note}")
+    run = new_run_state(run_dir, cfg, raw["validation"])
+    args_ = sft_args(cfg, plan, os.path.join(run_dir, "checkpoints"), packing, resuming=resume_from is not None)
+    trainer = build_trainer(model, tokenizer, args_, data["train"], data["validation"],
+                            make_callbacks(run, cfg, resume_from))
+    add_save_test_hook(trainer)
+    check_trainer_labels(trainer, counts)
+    extra = run_extra(cfg, backend, plan, mem, packing_note, model, tokenizer, counts)
+    if IS_MAIN:
+        write_run_record(run, cfg, extra, rejects, resume_from)
+    say(f"Run folder: {run_dir}" + (f" (resuming from {resume_from})" if resume_from else ""))
+
+    # ---- train, final eval, adapter
+    result = train_or_explain(trainer, run, resume_from, cfg, plan, mem)
+    finish_training(trainer, run, tokenizer, cfg, extra)
+    if not IS_MAIN:
+        return
+
+    # ---- summary, plot, where everything is
+    summary = write_summary(run, trainer, result, extra, gpu_bytes)
+    plot_losses(run["metrics"], os.path.join(run_dir, "loss.png"), f"{os.path.basename(run_dir)} ({backend})")
+    print_outcome(run, summary, extra, rejects, cfg)
 
 
 if __name__ == "__main__":

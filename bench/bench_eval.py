@@ -131,6 +131,7 @@ def prompt_of(messages):
     return messages[:last]
 
 
+@common.exits_on_user_error
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000, help="validation samples (default 1000)")
@@ -174,7 +175,7 @@ def main():
                                    else None)
     adapter = os.path.join(run, "adapter") if run and not model_dir else None
     if args.endpoint:
-        ev.check_endpoint(args.endpoint)
+        ev.require_server(args.endpoint)
     out = os.path.abspath(args.out or common.path_in_repo(os.path.join(cfg["output"]["reports_dir"], "bench",
                                                                        "bench_eval.json")))
     os.makedirs(os.path.dirname(out), exist_ok=True)
@@ -220,7 +221,7 @@ def main():
                       "merge` to time the tuned model)")
             cfg["deploy"]["port"] = deploy.free_port(cfg["deploy"]["host"])
             proc = deploy.start_server(cfg, serve_dir, os.path.join(os.path.dirname(out), "serve.log"))
-            url, name = proc.url, proc.model
+            url, name = proc.url, proc.names[0]
         try:
             gen_rows = [rows[i] for i in gen_idx]
             chats = [(prompt_of(m), t) for m, t, _ in gen_rows]

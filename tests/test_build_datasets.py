@@ -17,6 +17,7 @@ import pytest
 import build_datasets
 import common
 import config
+import formats
 
 ROOT = common.ROOT
 RAW = os.path.join(ROOT, "dataset", "raw")
@@ -535,9 +536,9 @@ def test_vectorized_mawps_matches_the_row_by_row_path():
                            for _ in range(rng.randint(0, 4))))
         answers.append(rng.choice(["8.0", "2.50", "abc", None, "1e2", "12"]))
     table = pa.table({"Question": qs, "Numbers": ns, "Answer": pa.array(answers, pa.string())})
-    messages, _, reason, _ = build_datasets.adapt_mawps(table, {"tags": []}, {"math_answer_style": "plain"})
+    messages, _, reason, _ = formats.adapt_mawps(table, {"tags": []}, {"math_answer_style": "plain"})
     for i, args in enumerate(zip(qs, ns, answers)):
-        prompt, answer, why = build_datasets.mawps_row(*args)
+        prompt, answer, why = formats.mawps_row(*args)
         if why is None and prompt.strip():
             assert reason[i].as_py() is None and messages[i].as_py()[0]["content"] == prompt
             assert messages[i].as_py()[1]["content"] == answer

@@ -322,3 +322,20 @@ def test_the_build_rule_for_turns_and_row_ids_in_findings(tmp_path):
             f"(id mine:2)") in proc.stdout
     assert f"{path}:1:" not in proc.stdout  # ends in a call: no "never answered"
     assert f"── sample 1/1 · {path}:1 · id mine:1 ·" in proc.stdout
+
+
+@pytest.mark.parametrize("arguments,problem", [
+    ("", None), (None, None), ({"city": "Oslo"}, None), ("{\"city\": \"Oslo\"}", None),
+    ("{\"city\": ", "tool call 'get_time': arguments are not valid JSON"),
+    ("[1, 2]", "wrong type: arguments of 'get_time' are list, expected an object"),
+])
+def test_the_build_rule_for_tool_calls(arguments, problem):
+    """check_dataset.py, build_datasets.py and the training reader take one rule for a tool call's arguments
+    (common.parse_tool_call): an empty string or null is a call without arguments, which the build always
+    accepted and check_dataset.py used to call "not valid JSON" / "must be a JSON object"."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_time", "arguments": arguments}}
+    found = check_dataset.check_call(call)
+    assert (found is None) if problem is None else found.startswith(problem), found
+    if problem is None:
+        messages, _ = common.row_to_chat({"messages": [{"role": "assistant", "content": "", "tool_calls": [call]}]})
+        assert messages[0]["tool_calls"][0]["function"]["arguments"] == ({"city": "Oslo"} if arguments else {})

@@ -338,7 +338,7 @@ def test_cli_endpoint_and_evalscope(server, eval_adapter, val_file, eval_work, l
     proc, cfg = server
     reports = eval_work / "reports_endpoint"
     done = run_cli(["--adapter", eval_adapter, "--data", val_file, "--endpoint", proc.url,
-                    "--endpoint-model", proc.model,
+                    "--endpoint-model", proc.names[0],
                     "--tuned-only", "--evalscope", "--no-probes", "--set", f"output.reports_dir={reports}",
                     "--set", "eval.max_new_tokens=12", "--set", "eval.repetition_penalty=1.0",
                     "--set", "eval.evalscope_limit=2", "--set", "eval.evalscope_hub=False",
@@ -391,3 +391,14 @@ def test_generate_does_not_repeat_the_max_length_note(demo_model_dir, capfd):
                                 batch_size=1)
     assert all(0 < r["completion_tokens"] <= 4 for r in out)
     assert "seem to have been set" not in capfd.readouterr().err
+
+
+def test_bad_data_file_is_an_error_not_a_traceback(tmp_path):
+    """A malformed --data file raises common.DataError (a UserError) deep in common.load_split; main prints
+    `error: <file>:<line>: ...` and exits 1. It used to end in a traceback (only FileNotFoundError was caught)."""
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}\n'
+                   '{"messages": [\n', encoding="utf-8")
+    done = run_cli(["--base-only", "--no-probes", "--data", str(bad)])
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.startswith(f"error: {bad}:2: JSONDecodeError"), done.stderr[-2000:]

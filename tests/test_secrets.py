@@ -125,7 +125,7 @@ def test_name_errors_reach_the_user_without_traceback():
 
 @pytest.mark.parametrize("given", ["outputs/..", "..", ".", "../x", "/tmp/x", "outputs/a/b"])
 def test_run_folders_outside_outputs_are_refused(given):
-    with pytest.raises(SystemExit, match="is not a run folder under"):
+    with pytest.raises(common.UserError, match="is not a run folder under"):
         common.run_folder(config.build_config(), given)
 
 

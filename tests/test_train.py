@@ -161,7 +161,7 @@ def collated_samples(trainer):
 def test_trainer_keeps_our_labels(packing, tiny_qwen3_dir, data_dir, tmp_path):
     cfg = tiny_cfg(tiny_qwen3_dir, data_dir)
     model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
-    ds, counts, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, counts, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     args = train.sft_args(cfg, plan, str(tmp_path), packing, has_eval=False)
     trainer = train.build_trainer(model, tokenizer, args, ds)
     assert train.trained_token_count(trainer.train_dataset) == counts["trained_tokens"] > 0
@@ -197,7 +197,7 @@ def test_overlong_rows_keep_whole_turns(qwen_tokenizer, data_dir, tiny_qwen3_dir
     assert counts["dropped_overlong"] == 1 and len(ds) == 3 and rejects[0]["row"] == 0
 
     cfg["sft"]["overlong_policy"] = "fail"
-    with pytest.raises(SystemExit, match=r"train row 0 \(source long\).*tokens > model.max_seq_length"):
+    with pytest.raises(common.UserError, match=r"train row 0 \(source long\).*tokens > model.max_seq_length"):
         train.tokenize_rows(rows, qwen_tokenizer, cfg, "train")
 
 
@@ -247,7 +247,7 @@ def test_saved_adapter_reloads_to_the_same_logits(tiny_qwen3_dir, data_dir, tmp_
     import torch
     cfg = tiny_cfg(tiny_qwen3_dir, data_dir, **{"training.max_steps": 3, "training.learning_rate": 1e-2})
     model, tokenizer, plan = load_lora(cfg, tiny_qwen3_dir)
-    ds, _, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, _, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     trainer = train.build_trainer(model, tokenizer, train.sft_args(cfg, plan, str(tmp_path / "ck"), True, False), ds)
     trainer.train()
     prompt = torch.tensor([common.prompt_ids(tokenizer, [{"role": "user", "content": "What is 2 plus 2?"}])])
@@ -510,7 +510,7 @@ def test_padded_training_when_the_packing_check_fails(tiny_qwen3_dir, data_dir):
                                                                          if k != "position_ids"}), with_kwargs=True)
     packing, note = train.decide_packing(model, tokenizer, cfg, plan)
     assert packing is False and note.startswith("off: packed samples see each other"), note
-    ds, _, _ = train.tokenize_rows(train.load_rows(cfg, "train"), tokenizer, cfg, "train")
+    ds, _, _ = train.tokenize_rows(train.load_built_split(cfg, "train"), tokenizer, cfg, "train")
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         trainer = train.build_trainer(model, tokenizer, train.sft_args(cfg, plan, tmp, packing, has_eval=False), ds)
@@ -568,3 +568,20 @@ def test_torchrun_two_processes_share_one_run(tiny_qwen3_dir, data_dir, tmp_path
     summary = json.load(open(os.path.join(out, runs[0], "summary.json")))
     assert summary["world_size"] == 2 and summary["global_step"] == 3
     assert os.path.isfile(os.path.join(out, runs[0], "adapter", "adapter_model.safetensors"))
+
+
+def test_ranks_share_rank_0s_value_on_cpu(tmp_path):
+    """train.shared_value under torchrun on the CPU: every rank gets rank 0's value (here its pid). accelerate took
+    a CPU run for a single process, so the broadcast did nothing and each rank kept its own run name (its own
+    timestamp): two run folders whenever the ranks started a second apart."""
+    # one os.write per rank: print writes its pieces separately, and two ranks' pieces interleave
+    code = ("import os, sys; sys.path.insert(0, os.getcwd()); import train; got = train.shared_value(os.getpid()); "
+            "os.write(1, f'rank {train.RANK} pid {os.getpid()} got {got}\\n'.encode())")
+    script = tmp_path / "shared_value_probe.py"
+    script.write_text(code + "\n", encoding="utf-8")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    lines = sorted(line.split() for line in done.stdout.splitlines() if line.startswith("rank "))
+    assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
+    (_, _, _, pid0, _, got0), (_, _, _, _, _, got1) = lines
+    assert got0 == got1 == pid0
