@@ -132,7 +132,7 @@ def prompt_of(messages):
 
 
 @common.exits_on_user_error
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--samples", type=int, default=1000, help="validation samples (default 1000)")
     parser.add_argument("--ppl-baseline-samples", type=int, default=None,
@@ -160,6 +160,81 @@ def main():
         args.samples, args.concurrency = min(args.samples, 8), min(args.concurrency, 4)
         args.ppl_baseline_samples = 4 if args.ppl_baseline_samples is None else args.ppl_baseline_samples
         args.gen_baseline_samples = args.gen_baseline_samples or 2
+    return args, parser
+
+
+def endpoint_answers(args, cfg, model_dir, adapter, out, chats, settings):
+    """Answers from --endpoint, or from a server started here on the same weights (then stopped), timed."""
+    proc = None
+    url, name = args.endpoint, args.endpoint_model or cfg["deploy"]["served_model_name"]
+    if not url:
+        import deploy
+        serve_dir = model_dir or common.resolve_model_path(cfg["model"]["name"])
+        if adapter:
+            print("note: no merged model in the newest run: the server serves the base (run `python deploy.py "
+                  "merge` to time the tuned model)")
+        cfg["deploy"]["port"] = deploy.free_port(cfg["deploy"]["host"])
+        proc = deploy.start_server(cfg, serve_dir, os.path.join(os.path.dirname(out), "serve.log"))
+        url, name = proc.url, proc.names[0]
+    try:
+        common.generate_endpoint(url, name, chats[:2], settings, concurrency=2)  # warm-up, not timed
+        answers, seconds = timed(lambda: common.generate_endpoint(url, name, chats, settings,
+                                                                  concurrency=args.concurrency, desc="endpoint"))
+    finally:
+        if proc is not None:
+            deploy.stop_server(proc)
+    return answers, seconds, url
+
+
+def bench_gen(args, cfg, loaded, rows, model_dir, adapter, out, counts, seed):
+    """Sequential in-process generate on a subsample vs the endpoint on (a superset of) the same rows. `loaded`
+    ({"model", "tokenizer"}) is emptied: the model must be gone before a GPU server starts."""
+    import functools
+    model, tokenizer = loaded.pop("model"), loaded.pop("tokenizer")
+    gpu, (gen_n, base_n) = common.has_cuda(), counts
+    settings = common.sampling_settings(cfg, greedy=True)
+    gen_idx = subsample(len(rows), gen_n, seed)
+    # The sequential rows are a subset of the endpoint's: the usability rates below compare the same rows.
+    seq_idx = sorted(random.Random(seed + 1).sample(gen_idx, min(base_n, len(gen_idx))))
+    seq_rows = [rows[i] for i in seq_idx]
+    seq_chats = [(prompt_of(m), t) for m, t, _ in seq_rows]
+    generate = functools.partial(common.generate_local, model, tokenizer, seq_chats, settings)
+    seq, t_seq = timed(functools.partial(generate, batch_size=1, desc="sequential generate"))
+    _, t_batched_gen = timed(functools.partial(generate, batch_size=cfg["eval"]["gen_batch_size"],
+                                               desc="batched generate"))
+    del model, generate  # a GPU server takes deploy.gpu_memory_utilization of the card: free this copy first
+    if gpu:
+        import torch
+        torch.cuda.empty_cache()
+    gen_rows = [rows[i] for i in gen_idx]
+    answers, t_ep, url = endpoint_answers(args, cfg, model_dir, adapter, out,
+                                          [(prompt_of(m), t) for m, t, _ in gen_rows], settings)
+    seq_full = t_seq * len(rows) / len(seq_rows)
+    ep_full = t_ep * len(rows) / len(gen_rows)
+    gen = {"sequential_rows": len(seq_rows), "sequential_s_measured": round(t_seq, 2),
+           "sequential_s": round(seq_full, 1), "sequential_tokens": sum(r["completion_tokens"] for r in seq),
+           "endpoint_rows": len(gen_rows), "endpoint_s_measured": round(t_ep, 2), "endpoint_s": round(ep_full, 1),
+           "endpoint_tokens": sum(r["completion_tokens"] or 0 for r in answers), "concurrency": args.concurrency,
+           "endpoint": url, "speedup": round(seq_full / ep_full, 2),
+           "inprocess_batched_s": round(t_batched_gen * len(rows) / len(seq_rows), 1),
+           "inprocess_batch_size": cfg["eval"]["gen_batch_size"],
+           "usable_sequential": usable_share(seq, seq_rows, cfg),
+           "usable_endpoint_same_rows": usable_share([answers[gen_idx.index(i)] for i in seq_idx], seq_rows, cfg),
+           "usable_endpoint": usable_share(answers, gen_rows, cfg)}
+    print(f"generation metrics for {len(rows)} samples: sequential generate {gen['sequential_s']} s "
+          f"(extrapolated from {len(seq_rows)}), endpoint x{args.concurrency} {gen['endpoint_s']} s"
+          f"{f' (extrapolated from {len(gen_rows)})' if len(gen_rows) < len(rows) else ''} -> "
+          f"{gen['speedup']}x (target 10x); tokens/s {gen['sequential_tokens'] / t_seq:.1f} vs "
+          f"{gen['endpoint_tokens'] / t_ep:.1f}; usable on the same {len(seq_rows)} rows "
+          f"{gen['usable_sequential']} vs {gen['usable_endpoint_same_rows']} "
+          f"(endpoint, all: {gen['usable_endpoint']})")
+    print(f"  (for reference: in-process generate batched by {gen['inprocess_batch_size']}: "
+          f"{gen['inprocess_batched_s']} s, extrapolated from {len(seq_rows)})")
+    return gen
+
+
+def main():
+    args, parser = parse_args()
     common.import_unsloth_first()  # on a GPU: before anything imports transformers (Unsloth patches them)
     cfg = config.resolve(args, parser, quiet=True)
     seed = cfg["training"]["seed"]
@@ -197,62 +272,9 @@ def main():
               f"(target 20x); max relative NLL difference {ppl['max_rel_nll_diff']:.1e}")
 
     if "gen" not in args.skip:
-        settings = common.sampling_settings(cfg, greedy=True)
-        gen_idx = subsample(len(rows), gen_n, seed)
-        # The sequential rows are a subset of the endpoint's: the usability rates below compare the same rows.
-        seq_idx = sorted(random.Random(seed + 1).sample(gen_idx, min(base_n, len(gen_idx))))
-        seq_rows = [rows[i] for i in seq_idx]
-        seq, t_seq = timed(lambda: common.generate_local(model, tokenizer, [(prompt_of(m), t) for m, t, _ in seq_rows],
-                                                         settings, batch_size=1, desc="sequential generate"))
-        batched_gen, t_batched_gen = timed(lambda: common.generate_local(
-            model, tokenizer, [(prompt_of(m), t) for m, t, _ in seq_rows], settings,
-            batch_size=cfg["eval"]["gen_batch_size"], desc="batched generate"))
-        del model  # a GPU server takes deploy.gpu_memory_utilization of the card: free this copy first
-        if gpu:
-            import torch
-            torch.cuda.empty_cache()
-        proc = None
-        url, name = args.endpoint, args.endpoint_model or cfg["deploy"]["served_model_name"]
-        if not url:
-            import deploy
-            serve_dir = model_dir or common.resolve_model_path(cfg["model"]["name"])
-            if adapter:
-                print("note: no merged model in the newest run: the server serves the base (run `python deploy.py "
-                      "merge` to time the tuned model)")
-            cfg["deploy"]["port"] = deploy.free_port(cfg["deploy"]["host"])
-            proc = deploy.start_server(cfg, serve_dir, os.path.join(os.path.dirname(out), "serve.log"))
-            url, name = proc.url, proc.names[0]
-        try:
-            gen_rows = [rows[i] for i in gen_idx]
-            chats = [(prompt_of(m), t) for m, t, _ in gen_rows]
-            common.generate_endpoint(url, name, chats[:2], settings, concurrency=2)  # warm-up, not timed
-            answers, t_ep = timed(lambda: common.generate_endpoint(url, name, chats, settings,
-                                                                   concurrency=args.concurrency, desc="endpoint"))
-        finally:
-            if proc is not None:
-                deploy.stop_server(proc)
-        seq_full = t_seq * len(rows) / len(seq_rows)
-        ep_full = t_ep * len(rows) / len(gen_rows)
-        result["gen"] = gen = {
-            "sequential_rows": len(seq_rows), "sequential_s_measured": round(t_seq, 2),
-            "sequential_s": round(seq_full, 1), "sequential_tokens": sum(r["completion_tokens"] for r in seq),
-            "endpoint_rows": len(gen_rows), "endpoint_s_measured": round(t_ep, 2), "endpoint_s": round(ep_full, 1),
-            "endpoint_tokens": sum(r["completion_tokens"] or 0 for r in answers), "concurrency": args.concurrency,
-            "endpoint": url, "speedup": round(seq_full / ep_full, 2),
-            "inprocess_batched_s": round(t_batched_gen * len(rows) / len(seq_rows), 1),
-            "inprocess_batch_size": cfg["eval"]["gen_batch_size"],
-            "usable_sequential": usable_share(seq, seq_rows, cfg),
-            "usable_endpoint_same_rows": usable_share([answers[gen_idx.index(i)] for i in seq_idx], seq_rows, cfg),
-            "usable_endpoint": usable_share(answers, gen_rows, cfg)}
-        print(f"generation metrics for {len(rows)} samples: sequential generate {gen['sequential_s']} s "
-              f"(extrapolated from {len(seq_rows)}), endpoint x{args.concurrency} {gen['endpoint_s']} s"
-              f"{f' (extrapolated from {len(gen_rows)})' if len(gen_rows) < len(rows) else ''} -> "
-              f"{gen['speedup']}x (target 10x); tokens/s {gen['sequential_tokens'] / t_seq:.1f} vs "
-              f"{gen['endpoint_tokens'] / t_ep:.1f}; usable on the same {len(seq_rows)} rows "
-              f"{gen['usable_sequential']} vs {gen['usable_endpoint_same_rows']} "
-              f"(endpoint, all: {gen['usable_endpoint']})")
-        print(f"  (for reference: in-process generate batched by {gen['inprocess_batch_size']}: "
-              f"{gen['inprocess_batched_s']} s, extrapolated from {len(seq_rows)})")
+        loaded = {"model": model, "tokenizer": tokenizer}
+        del model
+        result["gen"] = bench_gen(args, cfg, loaded, rows, model_dir, adapter, out, (gen_n, base_n), seed)
 
     with open(out, "w", encoding="utf-8") as f:
         json.dump(result, f, ensure_ascii=False, indent=2)

@@ -376,7 +376,7 @@ def table(results, reference):
     return "\n".join(lines)
 
 
-def main():
+def parse_args():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tiny", action="store_true", help="CPU smoke test: tiny Qwen3 shapes, seq 128, 2 x 2 sequences per "
                         "step, 1 + 3 steps")
@@ -414,6 +414,56 @@ def main():
     a.seq = a.seq or (128 if a.tiny else 2048)
     a.steps = a.steps or (3 if a.tiny else 10)
     a.warmup = max(1, a.warmup if a.warmup is not None else (1 if a.tiny else 3))  # timing starts after a step
+    return a
+
+
+def run_variant(a, name, data, env):
+    """One variant in a worker process of its own (a fresh CUDA context and memory cap each): its result dict."""
+    key = f"{name}-{a.tag}" if a.tag else name
+    result_path = os.path.join(tempfile.mkdtemp(prefix="bench-"), "result.json")
+    steps = a.baseline_steps if name == "baseline" and a.baseline_steps else a.steps
+    cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--result", result_path,
+           "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(a.warmup),
+           "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch),
+           "--trace", str(a.trace if name == "trainpy-16gb" else 0),
+           "--baseline-packing", a.baseline_packing, "--bare-steps", str(a.bare_steps)]
+    cmd += ["--tiny"] * a.tiny + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
+    cmd += [arg for kv in a.set for arg in ("--set", kv)]
+    print(f"== {key}", flush=True)
+    started = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, env=env)
+    if proc.returncode != 0 or not os.path.isfile(result_path):
+        return {"name": key, "error": f"worker exited {proc.returncode} (see its output above)"}
+    with open(result_path, encoding="utf-8") as f:
+        result = dict(json.load(f), name=key)
+    print(f"== {key}: {result.get('tokens_per_s', result.get('error'))} tokens/s "
+          f"({time.time() - started:.0f} s with loading)", flush=True)
+    return result
+
+
+def report(a, shapes, ordered):
+    """Write --out and print the table, speeds relative to bare Unsloth of this invocation (else the baseline), of
+    this tag when there is one."""
+    os.makedirs(os.path.dirname(a.out), exist_ok=True)
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump({"seq": a.seq, "lora_r": a.lora_r, "shapes": shapes, "runs": ordered}, f, indent=2)
+    reference = (None, None)
+    for kind in ("unsloth-bare", "baseline"):
+        found = sorted((r for r in ordered if r["name"].startswith(kind) and "tokens_per_s" in r),
+                       key=lambda r: r["name"] != (f"{kind}-{a.tag}" if a.tag else kind))
+        if found:
+            reference = (kind, found[0]["tokens_per_s"])
+            break
+    device = next((r["device"] for r in ordered if "device" in r), "?")
+    print(f"\nTraining throughput, {'tiny Qwen3' if a.tiny else 'Qwen3-4B-shaped (random weights)'}, seq {a.seq}, "
+          f"QLoRA r={a.lora_r} all-linear, {a.steps} timed steps after {a.warmup}; {device}, "
+          f"{time.strftime('%Y-%m-%d')}\n")
+    print(table(ordered, reference))
+    print(f"\nResults: {a.out}")
+
+
+def main():
+    a = parse_args()
     if a.worker:
         return worker(a)
 
@@ -435,44 +485,9 @@ def main():
             results = {r["name"]: r for r in json.load(f)["runs"]}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     for name in names:
-        key = f"{name}-{a.tag}" if a.tag else name
-        result_path = os.path.join(tempfile.mkdtemp(prefix="bench-"), "result.json")
-        steps = a.baseline_steps if name == "baseline" and a.baseline_steps else a.steps
-        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--result", result_path,
-               "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(a.warmup),
-               "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch),
-               "--trace", str(a.trace if name == "trainpy-16gb" else 0),
-               "--baseline-packing", a.baseline_packing, "--bare-steps", str(a.bare_steps)]
-        cmd += ["--tiny"] * a.tiny + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
-        cmd += [arg for kv in a.set for arg in ("--set", kv)]
-        print(f"== {key}", flush=True)
-        started = time.time()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env)
-        if proc.returncode != 0 or not os.path.isfile(result_path):
-            results[key] = {"name": key, "error": f"worker exited {proc.returncode} (see its output above)"}
-            continue
-        with open(result_path, encoding="utf-8") as f:
-            results[key] = dict(json.load(f), name=key)
-        print(f"== {key}: {results[key].get('tokens_per_s', results[key].get('error'))} tokens/s "
-              f"({time.time() - started:.0f} s with loading)", flush=True)
-    os.makedirs(os.path.dirname(a.out), exist_ok=True)
-    ordered = list(results.values())
-    with open(a.out, "w", encoding="utf-8") as f:
-        json.dump({"seq": a.seq, "lora_r": a.lora_r, "shapes": shapes, "runs": ordered}, f, indent=2)
-    # Speeds relative to bare Unsloth of this invocation (else the baseline), of this tag when there is one.
-    reference = (None, None)
-    for kind in ("unsloth-bare", "baseline"):
-        found = sorted((r for r in ordered if r["name"].startswith(kind) and "tokens_per_s" in r),
-                       key=lambda r: r["name"] != (f"{kind}-{a.tag}" if a.tag else kind))
-        if found:
-            reference = (kind, found[0]["tokens_per_s"])
-            break
-    device = next((r["device"] for r in ordered if "device" in r), "?")
-    print(f"\nTraining throughput, {'tiny Qwen3' if a.tiny else 'Qwen3-4B-shaped (random weights)'}, seq {a.seq}, "
-          f"QLoRA r={a.lora_r} all-linear, {a.steps} timed steps after {a.warmup}; {device}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print(table(ordered, reference))
-    print(f"\nResults: {a.out}")
+        result = run_variant(a, name, data, env)
+        results[result["name"]] = result
+    report(a, shapes, list(results.values()))
     if temporary:
         shutil.rmtree(a.model_dir, ignore_errors=True)
 
