@@ -118,6 +118,10 @@ def endpoint_url(cfg):
     return f"http://{cfg['deploy']['host']}:{cfg['deploy']['port']}/v1"
 
 
+def health_url(cfg):
+    return common.server_root(endpoint_url(cfg)) + "/health"
+
+
 def server_env(cfg):
     """The servers' environment: vLLM reads deploy.api_key from VLLM_API_KEY (kept out of its command line)."""
     env = dict(os.environ, TOKENIZERS_PARALLELISM="false")
@@ -279,8 +283,8 @@ def log_tail(path, lines=LOG_TAIL_LINES):
 
 
 def wait_healthy(proc, cfg, log_path, timeout_s):
-    url = common.server_root(endpoint_url(cfg)) + "/health"
-    start = last_note = time.time()
+    url, start = health_url(cfg), time.time()
+    last_note = start
     while True:
         if proc.poll() is not None:
             raise DeployError(f"the {proc.engine} server exited during start-up (exit code {proc.returncode}); "
@@ -1270,10 +1274,11 @@ def write_perf_report(result, out_dir):
              "| concurrency | requests (ok/failed) | req/s | output tok/s | total tok/s | latency avg / p50 / p99 (s) "
              "| TTFT avg / p99 (ms) | TPOT avg / p99 (ms) |", "|---|---|---|---|---|---|---|---|"]
     for r in result["levels"]:
-        lines.append(f"| {r['concurrency']} | {r['succeeded']}/{r['failed']} | {perf_text(r['req_throughput'], 2)} | "
-                     f"{perf_text(r['output_tok_s'])} | {perf_text(r['total_tok_s'])} | {perf_text(r['avg_latency_s'], 2)} / "
-                     f"{perf_text(r['p50_latency_s'], 2)} / {perf_text(r['p99_latency_s'], 2)} | {perf_text(r['avg_ttft_ms'])} / "
-                     f"{perf_text(r['p99_ttft_ms'])} | {perf_text(r['avg_tpot_ms'])} / {perf_text(r['p99_tpot_ms'])} |")
+        lines.append(f"| {r['concurrency']} | {r['succeeded']}/{r['failed']} | {perf_text(r['req_throughput'], 2)} "
+                     f"| {perf_text(r['output_tok_s'])} | {perf_text(r['total_tok_s'])} "
+                     f"| {perf_text(r['avg_latency_s'], 2)} / {perf_text(r['p50_latency_s'], 2)} / "
+                     f"{perf_text(r['p99_latency_s'], 2)} | {perf_text(r['avg_ttft_ms'])} / {perf_text(r['p99_ttft_ms'])} "
+                     f"| {perf_text(r['avg_tpot_ms'])} / {perf_text(r['p99_tpot_ms'])} |")
     lines += ["", "![throughput and latency](perf.png)", ""]
     with open(os.path.join(out_dir, "perf.md"), "w", encoding="utf-8") as f:
         f.write("\n".join(lines))
@@ -1347,7 +1352,7 @@ def run_perf(cfg, served_dir, out_dir, name=None):
 # ---------------------------------------------------------------- main
 
 def server_up(cfg):
-    return common.http_ok(common.server_root(endpoint_url(cfg)) + "/health", 5)
+    return common.http_ok(health_url(cfg), 5)
 
 
 def deploy_targets(cfg, args):
@@ -1505,45 +1510,40 @@ def test_and_perf(cfg, args, targets):
             run_perf(cfg, t["served_dir"], t["reports"], t["name"])
 
 
+@common.exits_on_user_error  # DeployError, DataError, a bad --run: `error: ...`, no traceback
 def main():
     args, cfg = parse_args()
+    # Fail before any heavy work (vLLM missing, no GPU); test/perf ask the running server instead.
+    engine = resolve_engine(cfg) if args.step in ("serve", "all") else None
+    check_host(cfg, engine)
+    if engine == "transformers" and cfg["deploy"]["tensor_parallel_size"] > 1:
+        print("note: tensor_parallel_size applies to vLLM only; the transformers engine uses one device")
+    targets = deploy_targets(cfg, args)
+    for t in targets:
+        config.save_config(cfg, os.path.join(t["reports"], "deploy_config.json"),
+                           extra={"step": args.step, "engine": engine, "run": t["run"], "git_sha": common.git_sha(),
+                                  "versions": common.package_versions()})
+    if args.step == "merge" and targets[0]["run"] is None:
+        raise DeployError("--model names a folder to serve as it is; merge takes a training run (--run)")
+    if args.step in ("merge", "all") and not (args.model or args.lora):  # those serve what is there
+        merge_step(cfg, args, targets)
+    if args.step == "merge":
+        return
+    proc = None
+    if args.step in ("serve", "all"):
+        model_dir, adapters = serve_plan(args, targets)
+        proc = start_server(cfg, model_dir, targets[0]["log"], adapters)
+    if args.step == "serve":
+        serve_forever(proc)
+        return
+    if proc is None and not server_up(cfg):
+        raise DeployError(f"no server answers at {endpoint_url(cfg)}; start one with `python deploy.py serve` "
+                          f"(or `all` to serve, test and perf in one go)")
     try:
-        # Fail before any heavy work (vLLM missing, no GPU); test/perf ask the running server instead.
-        engine = resolve_engine(cfg) if args.step in ("serve", "all") else None
-        check_host(cfg, engine)
-        if engine == "transformers" and cfg["deploy"]["tensor_parallel_size"] > 1:
-            print("note: tensor_parallel_size applies to vLLM only; the transformers engine uses one device")
-        targets = deploy_targets(cfg, args)
-        for t in targets:
-            config.save_config(cfg, os.path.join(t["reports"], "deploy_config.json"),
-                               extra={"step": args.step, "engine": engine, "run": t["run"], "git_sha": common.git_sha(),
-                                      "versions": common.package_versions()})
-        if args.step == "merge" and targets[0]["run"] is None:
-            raise DeployError("--model names a folder to serve as it is; merge takes a training run (--run)")
-        if args.step in ("merge", "all") and not (args.model or args.lora):  # those serve what is there
-            merge_step(cfg, args, targets)
-        if args.step == "merge":
-            return
-        if args.step == "serve":
-            serve_forever(start_server(cfg, *serve_plan_for_start(args, targets)))
-            return
-        proc = start_server(cfg, *serve_plan_for_start(args, targets)) if args.step == "all" else None
-        if proc is None and not server_up(cfg):
-            raise DeployError(f"no server answers at {endpoint_url(cfg)}; start one with `python deploy.py serve` "
-                              f"(or `all` to serve, test and perf in one go)")
-        try:
-            test_and_perf(cfg, args, targets)
-        finally:
-            if proc is not None:
-                stop_server(proc)
-    except common.UserError as err:  # DeployError, DataError, a bad --run
-        sys.exit(f"error: {err}")
-
-
-def serve_plan_for_start(args, targets):
-    """start_server's (model folder, log path, adapters) for these targets."""
-    model_dir, adapters = serve_plan(args, targets)
-    return model_dir, targets[0]["log"], adapters
+        test_and_perf(cfg, args, targets)
+    finally:
+        if proc is not None:
+            stop_server(proc)
 
 
 if __name__ == "__main__":

@@ -37,8 +37,8 @@ def request_body(a, prompt_ids, vocab_text):
             "messages": [{"role": "user", "content": " ".join(vocab_text[i % len(vocab_text)] for i in prompt_ids)}]}
 
 
-def run_level(a, concurrency, rng):
-    n = max(a.min_requests, a.requests_per_level * concurrency)
+def run_level(a, concurrency, rng, n=None):
+    n = n or max(a.min_requests, a.requests_per_level * concurrency)
     words = ["alpha", "bravo", "river", "stone", "cloud", "seven", "north", "light"]
     bodies = [request_body(a, [rng.randrange(1000, 30000) for _ in range(a.prompt_tokens)], words) for _ in range(n)]
     url = a.url.rstrip("/") + ("/completions" if a.api == "completions" else "/chat/completions")
@@ -71,8 +71,7 @@ def main():
     if a.tiny:
         a.api, a.concurrency, a.prompt_tokens, a.output_tokens, a.min_requests = "chat", [1, 2], 16, 4, 2
     rng = random.Random(a.seed)
-    first = dict(vars(a), concurrency=1, min_requests=1, requests_per_level=1)
-    run_level(argparse.Namespace(**first), 1, random.Random(0))  # warm-up (compiled graphs, caches)
+    run_level(a, 1, random.Random(0), n=1)  # warm-up (compiled graphs, caches)
     levels = [run_level(a, c, rng) for c in a.concurrency]
     entry = {"label": a.label, "model": a.model, "api": a.api, "prompt_tokens": a.prompt_tokens,
              "output_tokens": a.output_tokens, "date": time.strftime("%Y-%m-%d"), "levels": levels}
