@@ -511,7 +511,8 @@ def load_model(cfg, adapter=None, base_path=None, for_training=False):
     tokenizer = load_tokenizer(cfg, adapter or None) if adapter else load_tokenizer(cfg, base)
     if has_cuda() and cfg["model"]["load_in_4bit"] and package_installed("unsloth"):
         from unsloth import FastLanguageModel
-        model, _ = FastLanguageModel.from_pretrained(adapter or base, max_seq_length=cfg["model"]["max_seq_length"],
+        folder = adapter_on_base(adapter, base) if adapter else base
+        model, _ = FastLanguageModel.from_pretrained(folder, max_seq_length=cfg["model"]["max_seq_length"],
                                                      dtype=None, load_in_4bit=True)
         if not for_training:
             FastLanguageModel.for_inference(model)
@@ -525,6 +526,31 @@ def load_model(cfg, adapter=None, base_path=None, for_training=False):
         model.to("cuda")
     model.eval()
     return model, tokenizer
+
+
+def adapter_on_base(adapter, base):
+    """An adapter folder that names `base` as its base model. Loaders that take the adapter folder alone (Unsloth's
+    FastLanguageModel, transformers' from_pretrained) load the base recorded in adapter_config.json: the path of the
+    machine and folder training ran in. A run copied to another machine or repo names a path that is not there
+    (seen on an H200: "Unsloth: Cannot determine model type for config file: None"), or a base other than the
+    config's. Returns the adapter itself when it already names `base`, else a temporary copy (weights linked, not
+    copied) whose adapter_config.json names it; removed when this process exits."""
+    import atexit
+    import shutil
+    import tempfile
+    with open(os.path.join(adapter, "adapter_config.json"), encoding="utf-8") as f:
+        conf = json.load(f)
+    if conf.get("base_model_name_or_path") == base:
+        return adapter
+    folder = tempfile.mkdtemp(prefix="adapter-on-base-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    for name in os.listdir(adapter):
+        if name != "adapter_config.json":
+            os.symlink(os.path.abspath(os.path.join(adapter, name)), os.path.join(folder, name))
+    conf["base_model_name_or_path"] = base
+    with open(os.path.join(folder, "adapter_config.json"), "w", encoding="utf-8") as f:
+        json.dump(conf, f, indent=2)
+    return folder
 
 
 def package_installed(name):

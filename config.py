@@ -188,7 +188,7 @@ CONFIG = {
         "max_num_seqs": 4,
         "max_num_batched_tokens": 2048,
         "enforce_eager": True,
-        "kv_cache_dtype": None,  # "fp8" halves KV memory
+        "kv_cache_dtype": None,  # "fp8" halves KV memory (H200: +1.7% at 256 streams, parity |Δlogp| 0.07 vs 0.025)
         "quantization": None,  # None (the model's own 16-bit weights) | "fp8" (vLLM's dynamic FP8 weights, --quantization)
         "async_scheduling": None,  # None (vLLM's default) | True | False: --async-scheduling / --no-async-scheduling
         "compilation_config": None,  # None | dict for vLLM --compilation-config (CUDA graphs: cudagraph_mode,

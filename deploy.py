@@ -532,11 +532,13 @@ def merge_peft(base_dir, adapter_dir, out_dir):
     return str(saved_dtype).replace("torch.", "")
 
 
-def merge_unsloth(train_cfg, adapter_dir, out_dir, tokenizer):
+def merge_unsloth(train_cfg, base_dir, adapter_dir, out_dir, tokenizer):
     """Unsloth's merged_16bit: the LoRA is merged into the base's original 16-bit shards, not into
-    dequantized 4-bit weights, so the adapter is loaded the way it was trained."""
+    dequantized 4-bit weights, so the adapter is loaded the way it was trained (on base_dir, whatever path the
+    adapter recorded where it was trained)."""
     from unsloth import FastLanguageModel
-    model, _ = FastLanguageModel.from_pretrained(adapter_dir, max_seq_length=train_cfg["model"]["max_seq_length"],
+    model, _ = FastLanguageModel.from_pretrained(common.adapter_on_base(adapter_dir, base_dir),
+                                                 max_seq_length=train_cfg["model"]["max_seq_length"],
                                                  dtype=None, load_in_4bit=train_cfg["model"]["load_in_4bit"])
     model.save_pretrained_merged(out_dir, tokenizer, save_method="merged_16bit")
     del model
@@ -627,7 +629,7 @@ def merge(cfg, run_path, train_cfg, gguf=True, adapter_dir=None):
           f"{'Unsloth save_pretrained_merged(merged_16bit)' if use_unsloth else 'PEFT merge_and_unload (CPU)'}",
           flush=True)
     if use_unsloth:
-        dtype_name = merge_unsloth(train_cfg, adapter_dir, tmp, tokenizer)
+        dtype_name = merge_unsloth(train_cfg, base_dir, adapter_dir, tmp, tokenizer)
     else:
         dtype_name = merge_peft(base_dir, adapter_dir, tmp)
     tokenizer.save_pretrained(tmp)  # writes chat_template.jinja: vLLM and transformers serve both read it

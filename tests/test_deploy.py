@@ -169,6 +169,38 @@ def test_merge_matches_base_plus_adapter(merged_dir, run_path, demo_model_dir, q
     assert (adapted - base_logits).abs().max().item() > 0.1
 
 
+def test_copied_run_loads_its_adapter_on_the_configured_base(tiny_qwen3_dir, tmp_path):
+    """A run copied from the machine it trained on: its adapter_config.json names a base path that is not here. A
+    loader that takes the adapter folder alone (Unsloth's FastLanguageModel in merge and GPU eval; transformers'
+    from_pretrained, the same mechanism, on this CPU) fails on it (the H200 merge: "Cannot determine model type");
+    through common.adapter_on_base it loads the configured base with the adapter: the logits of base + PEFT."""
+    import torch
+    from peft import LoraConfig, PeftModel, get_peft_model
+    from transformers import AutoModelForCausalLM
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32)
+    lora = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=config.LINEAR_PROJECTIONS,
+                                           init_lora_weights=False, task_type="CAUSAL_LM"))
+    adapter = str(tmp_path / "copied-run" / "adapter")
+    lora.save_pretrained(adapter)
+    path = os.path.join(adapter, "adapter_config.json")
+    conf = json.load(open(path))
+    conf["base_model_name_or_path"] = "/home/someone/sft/models/Qwen3-4B-Instruct-2507"  # the training machine's
+    json.dump(conf, open(path, "w"))
+    with pytest.raises(OSError):
+        AutoModelForCausalLM.from_pretrained(adapter)
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        fresh = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32)
+        want = PeftModel.from_pretrained(fresh, adapter).eval()(input_ids=ids).logits
+        plain = AutoModelForCausalLM.from_pretrained(tiny_qwen3_dir, dtype=torch.float32).eval()(input_ids=ids).logits
+        folder = common.adapter_on_base(adapter, tiny_qwen3_dir)
+        got = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(input_ids=ids).logits
+    assert (got - want).abs().max().item() <= 1e-5 and (want - plain).abs().max().item() > 1e-3
+    assert json.load(open(path))["base_model_name_or_path"].startswith("/home/someone")  # the run is not changed
+    assert common.adapter_on_base(folder, tiny_qwen3_dir) == folder  # naming the base already: used as it is
+
+
 def test_merged_folder_ships_template_and_sampling(merged_dir, qwen_tokenizer):
     gen = json.load(open(os.path.join(merged_dir, "generation_config.json")))
     assert (gen["temperature"], gen["top_p"], gen["top_k"], gen["do_sample"]) == (0.7, 0.8, 20, True)
