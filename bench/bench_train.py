@@ -467,6 +467,10 @@ def main():
     if a.worker:
         return worker(a)
 
+    try:  # a bad --set fails here, in one line, not in every worker after the model is built
+        config.build_config(None, a.set)
+    except config.ConfigError as err:
+        raise SystemExit(f"error: --set: {err}") from None
     import torch
     if not a.tiny and not torch.cuda.is_available():
         raise SystemExit("error: the benchmark needs a CUDA GPU; use --tiny for the CPU smoke test")
@@ -484,12 +488,16 @@ def main():
         with open(a.out, encoding="utf-8") as f:
             results = {r["name"]: r for r in json.load(f)["runs"]}
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    failed = []
     for name in names:
         result = run_variant(a, name, data, env)
         results[result["name"]] = result
+        failed += [result["name"]] * ("error" in result)
     report(a, shapes, list(results.values()))
     if temporary:
         shutil.rmtree(a.model_dir, ignore_errors=True)
+    if failed:  # the table shows them too; the exit status tells a script or CI
+        raise SystemExit(f"error: {len(failed)} of {len(names)} runs failed: {', '.join(failed)} (their output above)")
 
 
 if __name__ == "__main__":

@@ -11,16 +11,17 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def bench(tmp_path, script, *args):
+def bench(tmp_path, script, *args, expect=0):
     """Run bench/<script> with this interpreter, its temporary folders under tmp_path; its combined output, or a
-    failure showing the output's tail."""
+    failure showing the output's tail when it exits otherwise than `expect` (0; None: any non-zero)."""
     # One torch thread: these shapes gain nothing from two, and on a shared 2-core machine two threads spin against
     # each other (bench_train --tiny at load 5: 10.9 s per step with two, 2.5 s with one).
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
            "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)}
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "bench", script), *map(str, args)], cwd=ROOT, env=env,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600)
-    assert proc.returncode == 0, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}"
+    ok = proc.returncode != 0 if expect is None else proc.returncode == expect
+    assert ok, f"{script} exited {proc.returncode}:\n{proc.stdout[-4000:]}"
     return proc.stdout
 
 
@@ -54,6 +55,21 @@ def test_bench_train_tiny(tmp_path, demo_model_dir):
     assert runs["trainpy-16gb"]["backend"] == "transformers"
     assert runs["baseline"]["packing"].startswith(("packed, ", "padded: "))  # the isolation check ran and said why
     assert number(table_row(printed, "trainpy-16gb")[7]) > 0  # tokens/s column
+
+
+def test_bench_train_fails_loudly(tmp_path, demo_model_dir):
+    """A bad --set stops the bench at once with one line (it gave a traceback in a worker after the model was
+    built); a run that fails (bare Unsloth: not installed on this CPU) makes the bench exit non-zero after writing
+    its table (it exited 0, so a script could take a failed sweep for a finished one)."""
+    printed = bench(tmp_path, "bench_train.py", "--tiny", "--set", "model.load_in_4bit=false", "--out",
+                    tmp_path / "a.json", expect=None)
+    assert "error: --set: model.load_in_4bit expects True or False" in printed and "Traceback" not in printed
+    assert not (tmp_path / "a.json").exists()
+    out = tmp_path / "b.json"
+    printed = bench(tmp_path, "bench_train.py", "--tiny", "--only", "unsloth-bare", "--out", out,
+                    "--model-dir", tmp_path / "model", expect=None)
+    assert "error: 1 of 1 runs failed: unsloth-bare" in printed
+    assert "error" in json.loads(out.read_text(encoding="utf-8"))["runs"][0]  # written before the exit
 
 
 def test_bench_build_tiny(tmp_path):
