@@ -492,7 +492,8 @@ def main():
     for name in names:
         result = run_variant(a, name, data, env)
         results[result["name"]] = result
-        failed += [result["name"]] * ("error" in result)
+        if "error" in result:
+            failed.append(result["name"])
     report(a, shapes, list(results.values()))
     if temporary:
         shutil.rmtree(a.model_dir, ignore_errors=True)
