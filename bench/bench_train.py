@@ -177,25 +177,50 @@ def timing_hooks(trainer, warmup, accum, steps):
     return stats
 
 
-def kernel_profile(start_step, steps):
+def busy_seconds(intervals):
+    """Length of the union of (start, end) intervals: time the GPU ran at least one kernel or copy."""
+    busy, end = 0.0, None
+    for start, stop in sorted(intervals):
+        if end is None or start > end:
+            busy, end = busy + stop - start, stop
+        elif stop > end:
+            busy, end = busy + stop - end, stop
+    return busy
+
+
+def kernel_profile(start_step, steps, stats):
     """torch.profiler over `steps` optimizer steps after `start_step`: prints where the GPU time goes (top ops by
-    self CUDA time) so tuning starts from a measurement. The profiled steps come after the timed ones (profiling
-    slows the steps it records); the result records `traced_steps`."""
+    self CUDA time) and how much of the traced wall time the GPU was busy at all (stats["gpu_busy"]; well under 1:
+    the host, not the kernels, holds the steps back), so tuning starts from a measurement. The profiled steps come
+    after the timed ones (profiling slows the steps it records); the result records `traced_steps`."""
     import torch
     from transformers import TrainerCallback
-    activities = [torch.profiler.ProfilerActivity.CUDA]  # CPU events make the summary take minutes
+    cuda = torch.cuda.is_available()
+    # GPU: kernels only (CPU events make the summary take minutes); CPU (--tiny): its ops.
+    activities = [torch.profiler.ProfilerActivity.CUDA if cuda else torch.profiler.ProfilerActivity.CPU]
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     class Profile(TrainerCallback):
         prof = None
+        started = None
 
         def on_step_end(self, args, state, control, **kwargs):
             if state.global_step == start_step:
+                sync()
                 self.prof = torch.profiler.profile(activities=activities)
                 self.prof.__enter__()
+                self.started = time.perf_counter()
             elif self.prof is not None and state.global_step == start_step + steps:
-                torch.cuda.synchronize()
+                sync()
+                wall = time.perf_counter() - self.started
                 self.prof.__exit__(None, None, None)
-                print(self.prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25), flush=True)
+                sort = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+                print(self.prof.key_averages().table(sort_by=sort, row_limit=25), flush=True)
+                if cuda:
+                    events = [e for e in self.prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+                    busy = busy_seconds((e.time_range.start, e.time_range.end) for e in events) / 1e6  # µs -> s
+                    stats["gpu_busy"] = round(busy / wall, 3)
+                    print(f"GPU busy {busy:.2f} s of {wall:.2f} s traced wall time ({busy / wall:.1%})", flush=True)
                 self.prof = None
 
     return Profile()
@@ -210,6 +235,8 @@ def finish(stats, trainer, warmup, accum, name, extra, shapes, lora_r, lengths, 
     result = {"name": name, **extra, "steps_timed": steps, "tokens_timed": tokens, "seconds": round(seconds, 2),
               "tokens_per_s": round(tps, 1), "flops_per_token": flops_per_token(shapes, lora_r, lengths)}
     result["mfu"] = round(tps * result["flops_per_token"] / peak, 4) if peak else None
+    if "gpu_busy" in stats:
+        result["gpu_busy"] = stats["gpu_busy"]
     if torch.cuda.is_available():
         result["peak_allocated_gib"] = round(torch.cuda.max_memory_allocated() / 1024 ** 3, 2)
         result["peak_reserved_gib"] = round(torch.cuda.max_memory_reserved() / 1024 ** 3, 2)
@@ -238,7 +265,7 @@ def run_trainpy(a, shapes, ds, lengths, peak):
     trainer = train.build_trainer(model, tokenizer, args, ds)
     stats = timing_hooks(trainer, a.warmup, plan["accum"], a.steps)
     if a.trace:  # after the timed steps: profiling slows the steps it records
-        trainer.add_callback(kernel_profile(a.warmup + a.steps, a.trace))
+        trainer.add_callback(kernel_profile(a.warmup + a.steps, a.trace, stats))
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
              "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1),
@@ -395,8 +422,8 @@ def parse_args():
                         help="config override for the train.py runs, e.g. --set lora.lora_dropout=0.05")
     parser.add_argument("--tag", default="", help="suffix for the run names (name-TAG), to keep variants apart in --out")
     parser.add_argument("--trace", type=int, default=0, metavar="STEPS",
-                        help="profile STEPS optimizer steps after the timed ones in trainpy-16gb (the defaults); "
-                             "print the top ops")
+                        help="profile STEPS optimizer steps after the timed ones in each train.py run: print the top "
+                             "ops and the share of wall time the GPU was busy")
     parser.add_argument("--baseline-packing", choices=["off", "auto", "on"], default="off",
                         help="off: padded batches (default); auto: pack if the isolation check passes on it")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
@@ -425,7 +452,7 @@ def run_variant(a, name, data, env):
     cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--data", data, "--result", result_path,
            "--model-dir", a.model_dir, "--seq", str(a.seq), "--steps", str(steps), "--warmup", str(a.warmup),
            "--lora-r", str(a.lora_r), "--baseline-batch", str(a.baseline_batch),
-           "--trace", str(a.trace if name == "trainpy-16gb" else 0),
+           "--trace", str(a.trace if name.startswith("trainpy") else 0),
            "--baseline-packing", a.baseline_packing, "--bare-steps", str(a.bare_steps)]
     cmd += ["--tiny"] * a.tiny + (["--peak-tflops", str(a.peak_tflops)] if a.peak_tflops else [])
     cmd += [arg for kv in a.set for arg in ("--set", kv)]

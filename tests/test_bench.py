@@ -40,9 +40,10 @@ def number(cell):
 
 def test_bench_train_tiny(tmp_path, demo_model_dir):
     out = tmp_path / "bench_train.json"
-    # --baseline-packing auto: the baseline runs train.check_packing_isolation too. One timed step after one untimed.
-    printed = bench(tmp_path, "bench_train.py", "--tiny", "--steps", 1, "--baseline-packing", "auto", "--out", out,
-                    "--model-dir", tmp_path / "model")
+    # --baseline-packing auto: the baseline runs train.check_packing_isolation too. One timed step after one untimed,
+    # then one profiled (train.py runs only).
+    printed = bench(tmp_path, "bench_train.py", "--tiny", "--steps", 1, "--trace", 1, "--baseline-packing", "auto",
+                    "--out", out, "--model-dir", tmp_path / "model")
     result = json.loads(out.read_text(encoding="utf-8"))
     assert result["seq"] == 128 and result["shapes"]["num_hidden_layers"] == 2
     runs = {r["name"]: r for r in result["runs"]}
@@ -53,8 +54,17 @@ def test_bench_train_tiny(tmp_path, demo_model_dir):
         assert run["flops_per_token"] > 0 and run["device"] == "CPU"
         assert (run["batch"], run["accum"]) == (2, 2), run  # --tiny: 2 x 2 sequences per step in both
     assert runs["trainpy-16gb"]["backend"] == "transformers"
+    assert runs["trainpy-16gb"]["traced_steps"] == 1 and "Self CPU time total" in printed  # the profile's table
     assert runs["baseline"]["packing"].startswith(("packed, ", "padded: "))  # the isolation check ran and said why
     assert number(table_row(printed, "trainpy-16gb")[7]) > 0  # tokens/s column
+
+
+def test_busy_seconds_counts_overlapping_kernels_once():
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_train
+    # Two overlapping kernels (0-2, 1-3), a gap, one kernel containing another (5-6, 5.5-5.7), unsorted.
+    assert bench_train.busy_seconds([(5.5, 5.7), (1, 3), (0, 2), (5, 6)]) == 4.0
+    assert bench_train.busy_seconds([]) == 0.0
 
 
 def test_bench_train_fails_loudly(tmp_path, demo_model_dir):
