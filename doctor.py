@@ -390,7 +390,7 @@ def device_plan(cfg, cuda):
     return {"batch": t["per_device_train_batch_size"], "accum": t["gradient_accumulation_steps"], "profile": "config",
             "gradient_checkpointing": checkpointing if cuda or checkpointing != "unsloth" else True,
             "optim": t["optim"] if cuda or "8bit" not in t["optim"] else "adamw_torch",
-            "load_in_4bit": bool(cfg["model"]["load_in_4bit"] and cuda), "notes": [],
+            "load_in_4bit": bool(cfg["model"]["load_in_4bit"] and cuda), "notes": [], "skip_layers": 0,
             "dtype_name": ("bfloat16" if dtype in (None, "auto") else dtype) if cuda else "float32"}
 
 
@@ -425,9 +425,12 @@ def check_memory(cfg, mc, gpus):
     plan = device_plan(cfg, cuda=True)
     with contextlib.redirect_stdout(io.StringIO()):  # its "trying a smaller one" notes; the result says it all
         plan = train.apply_memory_profile(cfg, plan, mc, gib * GIB)
+    backend = "transformers" if cfg["training"]["backend"] == "transformers" else "unsloth"  # the GPU stack's
+    plan = train.plan_skip_layers(cfg, plan, backend, mc, gib * GIB)
     mem = train.estimate_memory(mc, cfg, plan)
+    skipped = f" ({plan['skip_layers']} layers keep their activations)" if plan["skip_layers"] else ""
     text = (f"training.memory_profile={cfg['training']['memory_profile']} -> {plan['profile']}: batch {plan['batch']}"
-            f" x accumulation {plan['accum']}, checkpointing {plan['gradient_checkpointing']}; train.py's estimate "
+            f" x accumulation {plan['accum']}, checkpointing {plan['gradient_checkpointing']}{skipped}; train.py's estimate "
             f"{mem['train']:.1f} GiB training, {mem['eval']:.1f} GiB eval, of {gib:.0f} GiB")
     lines = [line(OK, "Train memory", text) if mem["train"] <= gib else
              line(FAIL, "Train memory", text, "out of memory expected; remedies, in order:\n"

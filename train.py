@@ -56,6 +56,8 @@ PRESETS = {"16gb": (0, {}),
            "24gb": (22, {"per_device_train_batch_size": 8, "gradient_checkpointing": True}),
            "40gb": (36, {"per_device_train_batch_size": 4, "gradient_checkpointing": False}),
            "80gb": (70, {"per_device_train_batch_size": 8, "gradient_checkpointing": False})}
+# training.checkpoint_skip_layers="auto" fills the memory estimate up to this share of the card.
+SKIP_FILL = 0.75
 # Three chats of different shapes (system prompt, multi-turn) for the packing-isolation check.
 PROBE_CHATS = [
     [{"role": "user", "content": "What is 17 + 25?"}, {"role": "assistant", "content": "17 + 25 = 42."}],
@@ -179,13 +181,15 @@ def estimate_memory(mc, cfg, plan):
         per_token_layer *= 1.6
     tokens = plan["batch"] * cfg["model"]["max_seq_length"]
     one_layer = tokens * per_token_layer
-    saved_inputs = tokens * mc.num_hidden_layers * mc.hidden_size * act_bytes
+    layers = mc.num_hidden_layers
+    skipped = plan.get("skip_layers", 0)  # checkpointing on: layers that keep their activations, input included
+    saved_inputs = tokens * (layers - skipped) * mc.hidden_size * act_bytes
     if plan["gradient_checkpointing"] is False:
-        activations = one_layer * mc.num_hidden_layers
+        activations = one_layer * layers
     elif plan["gradient_checkpointing"] == "unsloth":
-        activations = one_layer + saved_inputs / mc.num_hidden_layers * 2  # layer inputs live in CPU RAM
+        activations = one_layer * (1 + skipped) + saved_inputs / layers * 2  # layer inputs live in CPU RAM
     else:
-        activations = one_layer + saved_inputs
+        activations = one_layer * (1 + skipped) + saved_inputs
     fixed = 0.5 * GIB + 0.5 * GIB  # fused loss chunks + CUDA context
     # +5% allocator overhead: with expandable segments (training.expandable_segments) reserved memory stayed
     # within 1% of allocated on the H200 (80gb profile: 53.6 allocated, 53.8 reserved GiB)
@@ -203,7 +207,7 @@ def base_plan(cfg, backend, cuda):
     t = cfg["training"]
     plan = {"batch": t["per_device_train_batch_size"], "accum": t["gradient_accumulation_steps"],
             "gradient_checkpointing": t["gradient_checkpointing"], "optim": t["optim"], "profile": "config",
-            "load_in_4bit": bool(cfg["model"]["load_in_4bit"] and cuda), "notes": []}
+            "load_in_4bit": bool(cfg["model"]["load_in_4bit"] and cuda), "notes": [], "skip_layers": 0}
     dtype = common.torch_dtype(cfg) if cuda else torch.float32
     if not cuda and cfg["model"]["dtype"] not in ("auto", "float32"):
         plan["notes"].append(f"model.dtype={cfg['model']['dtype']} ignored on CPU: fp32")
@@ -240,6 +244,28 @@ def apply_memory_profile(cfg, plan, mc, gpu_bytes):
     return plan
 
 
+def plan_skip_layers(cfg, plan, backend, mc, gpu_bytes):
+    """training.checkpoint_skip_layers for this plan: a number as given (at most the model's layers), "auto" as many
+    as keep the memory estimate within SKIP_FILL of the card. Only Unsloth skips layers, and only with
+    checkpointing on: otherwise 0, with a note when the user asked for some."""
+    asked = cfg["training"]["checkpoint_skip_layers"]
+    if not asked:
+        return plan
+    if backend != "unsloth" or plan["gradient_checkpointing"] is False:
+        why = "Unsloth" if backend != "unsloth" else "checkpointing on"
+        return dict(plan, notes=plan["notes"] + [f"training.checkpoint_skip_layers={asked!r} ignored: it needs {why}"])
+    if asked != "auto":
+        if asked > mc.num_hidden_layers:
+            raise common.UserError(f"training.checkpoint_skip_layers={asked}: the model has {mc.num_hidden_layers} "
+                                   f"decoder layers (\"auto\" fills the card)")
+        return dict(plan, skip_layers=asked)
+    budget = SKIP_FILL * gpu_bytes / GIB
+    skip = 0
+    while skip < mc.num_hidden_layers and estimate_memory(mc, cfg, dict(plan, skip_layers=skip + 1))["train"] <= budget:
+        skip += 1
+    return dict(plan, skip_layers=skip)
+
+
 def remedies(cfg, plan):
     """The seed's order of out-of-memory remedies, with the current values."""
     seq, b, a = cfg["model"]["max_seq_length"], plan["batch"], plan["accum"]
@@ -255,6 +281,9 @@ def remedies(cfg, plan):
              f"--set training.eval_steps={cfg['training']['eval_steps'] * 2}   (now eval batch {eb})"]
     if plan["gradient_checkpointing"] is False:
         lines.insert(0, "  0. turn checkpointing on: --set training.gradient_checkpointing=unsloth")
+    if plan.get("skip_layers"):
+        lines.insert(0, f"  0. recompute every layer: --set training.checkpoint_skip_layers=0   "
+                        f"(now {plan['skip_layers']} keep their activations)")
     if plan["profile"] != "config":
         lines.insert(0, f"  (memory profile {plan['profile']} set batch/checkpointing: add "
                         f"--set training.memory_profile=config so the values below apply as given)")
@@ -426,7 +455,8 @@ def load_for_training(cfg, backend, path, plan):
         model = FastLanguageModel.get_peft_model(
             model, r=lora["r"], target_modules=lora["target_modules"], lora_alpha=lora["lora_alpha"],
             lora_dropout=lora["lora_dropout"], bias=lora["bias"], use_rslora=lora["use_rslora"],
-            use_gradient_checkpointing=plan["gradient_checkpointing"], random_state=seed)
+            use_gradient_checkpointing=plan["gradient_checkpointing"], random_state=seed,
+            checkpoint_skip_layers=plan["skip_layers"])
         return model, tokenizer
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
@@ -1033,10 +1063,14 @@ def make_plan(cfg, backend, mc):
     """Device plan (memory profile applied) and its memory estimate, printed; a warning when it will not fit."""
     gpu_bytes = gpu_memory_bytes()
     plan = apply_memory_profile(cfg, base_plan(cfg, backend, gpu_bytes is not None), mc, gpu_bytes)
+    plan = plan_skip_layers(cfg, plan, backend, mc, gpu_bytes)
     mem = estimate_memory(mc, cfg, plan)
+    ckpt = str(plan["gradient_checkpointing"])
+    if plan["skip_layers"]:
+        ckpt += f" ({plan['skip_layers']} of {mc.num_hidden_layers} layers keep their activations)"
     say(f"Plan: profile {plan['profile']}; batch {plan['batch']} x accumulation {plan['accum']} x {WORLD_SIZE} "
         f"process(es) = {plan['batch'] * plan['accum'] * WORLD_SIZE} sequences per optimizer step; checkpointing "
-        f"{plan['gradient_checkpointing']}; {plan['dtype_name']}{', 4-bit NF4' if plan['load_in_4bit'] else ''}; "
+        f"{ckpt}; {plan['dtype_name']}{', 4-bit NF4' if plan['load_in_4bit'] else ''}; "
         f"optim {plan['optim']}" + "".join(f"; {note}" for note in plan["notes"]))
     say(f"Memory estimate: {mem['params_b']:.2f} B params, LoRA {mem['lora_params_m']:.1f} M; weights "
         f"{mem['weights']:.1f} + LoRA/optimizer {mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.1f}"

@@ -14,8 +14,8 @@ process: Unsloth patches transformers when imported, and the baseline must not s
     python bench/bench_train.py --tiny --out /tmp/b.json  # CPU smoke test: tiny shapes, seq 128, 4 x 2 steps
 
 Runs (VARIANTS): trainpy-<card> (train.py with that memory profile, in a process capped to what torch reports for
-such a card, so a profile that would not fit there runs out of memory here too), trainpy-16gb-* (other settings
-tried on the 16 GB budget), trainpy-auto (the profile train.py picks for this GPU, uncapped), unsloth-bare
+such a card, so a profile that would not fit there runs out of memory here too), trainpy-<card>-* (other settings
+tried on that card's budget; -skip: training.checkpoint_skip_layers="auto"), trainpy-auto (the profile train.py picks for this GPU, uncapped), unsloth-bare
 (FastLanguageModel + TRL SFTTrainer as Unsloth's notebooks set them up: batch 2 x 4, its checkpointing, packing on,
 the same data, timed over --bare-steps), baseline (transformers + PEFT + bnb NF4 + TRL, batch --baseline-batch,
 padded unless --baseline-packing on/auto and the packing check passes on it).
@@ -55,7 +55,10 @@ VARIANTS = {
     "trainpy-16gb-gpuckpt": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=True"]),
     "trainpy-16gb-1x16": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=False",
                                          *BATCH_1x16]),
+    # checkpoint_skip_layers="auto": the layers the memory estimate has room for keep their activations
+    "trainpy-16gb-skip": ("16gb", 15.6, ["training.checkpoint_skip_layers=auto"]),
     "trainpy-24gb": ("24gb", 23.6, []),
+    "trainpy-24gb-skip": ("24gb", 23.6, ["training.checkpoint_skip_layers=auto"]),
     "trainpy-40gb": ("40gb", 39.4, []),
     "trainpy-80gb": ("80gb", 79.1, []),
     "trainpy-auto": ("auto", None, []),
@@ -65,8 +68,8 @@ VARIANTS = {
 # --tiny: 2 x 2 sequences per optimizer step (not train.py's 16), so a step takes ~1 s on a CPU instead of ~25.
 TINY_SEQUENCES_PER_STEP = 4
 TINY_BATCH = ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"]
-GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-1x16", "trainpy-24gb", "trainpy-40gb",
-            "trainpy-80gb", "unsloth-bare"]
+GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-skip", "trainpy-16gb-1x16", "trainpy-24gb",
+            "trainpy-24gb-skip", "trainpy-40gb", "trainpy-80gb", "unsloth-bare"]
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not has but "
          "one all were can there been if more when will would who so no time some could them other than then "
          "number people water first way find long down day did get come made may part model train loss data "
@@ -268,7 +271,7 @@ def run_trainpy(a, shapes, ds, lengths, peak):
         trainer.add_callback(kernel_profile(a.warmup + a.steps, a.trace, stats))
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
-             "checkpointing": plan["gradient_checkpointing"], "packing": note, "estimate_gib": round(mem["train"], 1),
+             "checkpointing": plan["gradient_checkpointing"], "skip_layers": plan["skip_layers"], "packing": note, "estimate_gib": round(mem["train"], 1),
              "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": overrides + a.set, "traced_steps": a.trace,
              "cap_gib": cap, "allocator": allocator}
     return finish(stats, trainer, a.warmup, plan["accum"], a.worker, extra, shapes, a.lora_r, lengths, peak)
@@ -393,11 +396,14 @@ def table(results, reference):
             continue
         ratio = f"{r['tokens_per_s'] / ref_tps:.2f}×" if ref_tps else "-"
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
+        ckpt = r["checkpointing"]
+        if r.get("skip_layers"):
+            ckpt = f"{ckpt}, {r['skip_layers']} layers kept"
         estimate = "-"
         if r.get("estimate_gib") and r.get("peak_reserved_gib"):
             estimate = f"{r['estimate_gib']} ({100 * (r['estimate_gib'] / r['peak_reserved_gib'] - 1):+.0f}%)"
         lines.append(f"| {r['name']} | {r['backend']} | {r.get('cap_gib') or '-'} | {r['batch']} × {r['accum']} | "
-                     f"{r['checkpointing']} | {r.get('lora_dropout', '-')} | "
+                     f"{ckpt} | {r.get('lora_dropout', '-')} | "
                      f"{r['packing'].split(':')[0].split(',')[0]} | {r['tokens_per_s']:,.0f} | {ratio} | "
                      f"{r.get('peak_allocated_gib', '-')} | {r.get('peak_reserved_gib', '-')} | {estimate} | {mfu} |")
     return "\n".join(lines)

@@ -187,6 +187,10 @@ def test_config_cli_prints_the_effective_config():
     (["eval.gates.min_usability=high"], "eval.gates.min_usability expects float or None, got 'high'"),
     (["training.run_name=2024"], "training.run_name expects str or None, got 2024 (quote it: --set "
                                  "training.run_name='2024')"),
+    (["training.checkpoint_skip_layers=many"], "training.checkpoint_skip_layers expects an integer >= 0 or 'auto', "
+                                               "got 'many'"),
+    (["training.checkpoint_skip_layers=-1"], "expects an integer >= 0 or 'auto', got -1"),
+    (["training.checkpoint_skip_layers=True"], "expects an integer >= 0 or 'auto', got True"),
 ])
 def test_values_and_source_fields_are_checked_when_the_config_is_built(items, message):
     with pytest.raises(ConfigError) as err:
@@ -198,9 +202,11 @@ def test_allowed_values_cover_the_defaults_and_the_documented_alternatives():
     cfg = build_config(None, ["data.use_hub=True", "deploy.perf_dataset=random", "data.overlong_answer_policy=drop",
                               "training.gradient_checkpointing=False", "data.total_size=500",
                               "eval.gates.min_usability=1", "training.run_name='2024'",
+                              "training.checkpoint_skip_layers=auto", "training.checkpoint_skip_layers=3",
                               "data.sources.mine={'format': 'columns', 'local': 'x.csv', 'weight': 0.2, "
                               "'columns': {'prompt': 'q', 'answer': 'a', 'id': 'qid'}, 'tags': ['x'], 'hub': None}"])
     assert cfg["data"]["overlong_answer_policy"] == "drop" and cfg["data"]["sources"]["mine"]["weight"] == 0.2
+    assert cfg["training"]["checkpoint_skip_layers"] == 3  # "auto", then a number over it
     assert build_config("demo")["data"]["overlong_answer_policy"] == "truncate"
 
 

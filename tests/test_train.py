@@ -241,6 +241,54 @@ def test_memory_estimate_and_profiles_for_qwen3_4b():
     assert config.CHOICES["training.memory_profile"] == ("auto", "config", *train.PRESETS)
 
 
+def qwen3_4b_config():
+    from transformers import Qwen3Config
+    return Qwen3Config(hidden_size=2560, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                       head_dim=128, intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True)
+
+
+def test_checkpoint_skip_layers_fill_the_card_and_count_in_the_estimate():
+    mc = qwen3_4b_config()
+    plan = {"batch": 8, "accum": 2, "gradient_checkpointing": "unsloth", "optim": "adamw_8bit", "profile": "config",
+            "load_in_4bit": True, "dtype_name": "bfloat16", "notes": [], "skip_layers": 0}
+    auto = config.build_config(overrides=["training.checkpoint_skip_layers=auto"])
+    fills = {}
+    for gib in (15.6, 23.6):  # what torch reports for 16 and 24 GB cards: the 16gb and 24gb presets
+        profiled = train.apply_memory_profile(auto, plan, mc, gib * train.GIB)
+        picked = train.plan_skip_layers(auto, profiled, "unsloth", mc, gib * train.GIB)
+        skip = picked["skip_layers"]
+        estimate = train.estimate_memory(mc, auto, picked)["train"]
+        one_more = train.estimate_memory(mc, auto, dict(picked, skip_layers=skip + 1))["train"]
+        assert 0 < skip < 36 and estimate <= train.SKIP_FILL * gib < one_more, (gib, skip, estimate, one_more)
+        # Each kept layer: its activations at 8 x 2048 tokens (measured on the H200: (53.64 - 7.63) / 35 = 1.31 GiB
+        # allocated per layer between no checkpointing and checkpointing on the GPU).
+        assert 1.2 < one_more - estimate < 1.6
+        fills[gib] = skip
+    assert fills[23.6] > fills[15.6]
+    # A number is taken as given; more than the model has is an error, not a silent cut.
+    three = config.build_config(overrides=["training.checkpoint_skip_layers=3"])
+    assert train.plan_skip_layers(three, plan, "unsloth", mc, 80 * train.GIB)["skip_layers"] == 3
+    with pytest.raises(common.UserError, match="checkpoint_skip_layers=40: the model has 36 decoder layers"):
+        train.plan_skip_layers(config.build_config(overrides=["training.checkpoint_skip_layers=40"]), plan,
+                               "unsloth", mc, 80 * train.GIB)
+    assert "training.checkpoint_skip_layers=0" in train.remedies(three, dict(plan, skip_layers=3))
+    # Without Unsloth or without checkpointing there is nothing to skip: 0, and the plan says why.
+    for backend, ckpt, why in (("transformers", True, "needs Unsloth"), ("unsloth", False, "needs checkpointing on")):
+        got = train.plan_skip_layers(three, dict(plan, gradient_checkpointing=ckpt), backend, mc, 80 * train.GIB)
+        assert got["skip_layers"] == 0 and any(why in note for note in got["notes"]), got
+    # The default (0) leaves the plan and the estimate as they were.
+    default = config.build_config()
+    assert train.plan_skip_layers(default, plan, "unsloth", mc, 80 * train.GIB) == plan
+
+
+def test_the_plan_line_says_why_skip_layers_are_ignored(tiny_qwen3_dir, capsys):
+    from transformers import AutoConfig
+    cfg = config.build_config(overrides=[f"model.name={tiny_qwen3_dir}", "training.checkpoint_skip_layers=1"])
+    plan, _, _ = train.make_plan(cfg, "transformers", AutoConfig.from_pretrained(tiny_qwen3_dir))
+    assert plan["skip_layers"] == 0
+    assert "training.checkpoint_skip_layers=1 ignored: it needs Unsloth" in capsys.readouterr().out
+
+
 # ---------------------------------------------------------------- save -> reload, the CLI
 
 def test_saved_adapter_reloads_to_the_same_logits(tiny_qwen3_dir, data_dir, tmp_path):
