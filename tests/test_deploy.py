@@ -9,6 +9,7 @@ real: a busy port, missing/incomplete model folders, vLLM absent, a server that 
 import argparse
 import json
 import os
+import shlex
 import shutil
 import signal
 import socket
@@ -490,6 +491,41 @@ def test_serving_bench_measures_the_running_server(server, cfg, tmp_path):
         assert 1 <= level["output_tokens"] <= 4 * level["requests"] and level["prompt_tokens"] > 16 * level["requests"]
         assert level["output_tok_s"] > 0
     assert done.stdout.strip().splitlines()[-1].startswith("| cpu | ")
+
+
+def test_serving_sweep_starts_measures_and_stops_each_server(tiny_qwen3_dir, overrides, tmp_path):
+    """bench_serve.py --server (the sweep in one command): each server started, measured under the name /v1/models
+    gives, and stopped before the next; one that fails to start is reported and the sweep goes on, exiting 1."""
+    port = deploy.free_port()
+    sets = " ".join(f"--set {shlex.quote(o)}" for o in [*overrides, f"output.dir={tmp_path / 'no-runs'}",
+                                                       f"deploy.port={port}"])
+    serve = f"{sys.executable} {os.path.join(common.ROOT, 'deploy.py')} serve --model {tiny_qwen3_dir} --profile demo"
+    out = tmp_path / "sweep.json"
+    done = subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "bench_serve.py"), "--tiny", "--url",
+                           f"http://127.0.0.1:{port}/v1", "--out", str(out), "--server", f"a={serve} {sets}",
+                           "--server", f"broken={sys.executable} -c 'import sys; sys.exit(3)'",
+                           "--server", f"b={serve} {sets} --set deploy.max_model_len=1024"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 1 and "1 of 3 servers failed to start" in done.stderr, done.stdout[-3000:] + done.stderr
+    assert "broken: the server exited 3" in done.stdout
+    entries = json.loads(out.read_text())
+    assert [e["label"] for e in entries] == ["a", "b"]
+    for entry in entries:
+        assert entry["model"] == "smollm2-demo"  # the demo profile's served name, read from /v1/models
+        assert all(lv["output_tok_s"] > 0 for lv in entry["levels"])
+    table = done.stdout[done.stdout.index("| server |"):].splitlines()
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["a", "broken", "b"]
+    assert (tmp_path / "sweep.json.a.log").read_text().count("server healthy") == 1
+    assert not common.http_ok(f"http://127.0.0.1:{port}/health", 2)  # the last server was stopped too
+    serving = []  # any process still serving the folder: deploy.py or the server it started
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
+        except OSError:
+            continue
+        if "serve" in cmdline and tiny_qwen3_dir in cmdline and alive(int(pid)):
+            serving.append(cmdline)
+    assert not serving, serving
 
 
 def test_test_and_perf_find_the_folder_the_server_serves(server, cfg, run_path, merged_dir, tmp_path):
