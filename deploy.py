@@ -247,15 +247,24 @@ def lora_chat_template(adapters):
     return next(iter(texts.values()))[0] if texts else None
 
 
+CB_BLOCK_SIZE = 256  # tokens per KV-cache block of `transformers serve --continuous-batching` (its default)
+
+
 def transformers_command(cfg, link_name):
     exe = shutil.which("transformers", path=os.path.dirname(sys.executable)) or shutil.which("transformers")
     if exe is None:
         raise DeployError("the `transformers` CLI was not found; pip install 'transformers[serving]'")
-    return [exe, "serve", link_name, "--host", cfg["deploy"]["host"], "--port", str(cfg["deploy"]["port"]),
+    d = cfg["deploy"]
+    # The KV cache for max_num_seqs sequences of max_model_len, as vLLM reserves. Left to itself, continuous batching
+    # sizes its cache to 80% of the device's memory, and on a CPU that is the machine's RAM: 20 GB resident for a
+    # 2-layer test model on a 24 GB machine, and the next process there was killed for memory. Longer queues wait.
+    blocks = -(-d["max_num_seqs"] * d["max_model_len"] // CB_BLOCK_SIZE)
+    return [exe, "serve", link_name, "--host", d["host"], "--port", str(d["port"]),
             "--device", "cuda" if common.has_cuda() else "cpu", "--dtype", "auto",
             "--default-seed", str(cfg["training"]["seed"]), "--log-level", "info",
             # Without it concurrent requests run one after another: 64 x 32 tokens took 212 s, with it 14.6 s.
-            "--continuous-batching"]
+            "--continuous-batching", "--cb-block-size", str(CB_BLOCK_SIZE), "--cb-num-blocks", str(blocks),
+            "--cb-max-batch-tokens", str(d["max_num_batched_tokens"])]
 
 
 def listed_cache(link_dir, name, model_dir):
@@ -1448,6 +1457,9 @@ def serve_forever(proc):
     except KeyboardInterrupt:
         print("\nstopping the server...", flush=True)
     finally:
+        # Stopping takes at most stop_server's 30 s + SIGKILL: a second Ctrl-C or kill must not cut it short.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         stop_server(proc)
 
 

@@ -290,6 +290,17 @@ def test_server_answers_the_served_name(server, cfg):
     assert r.usage.completion_tokens >= 1
 
 
+def test_cpu_server_holds_a_kv_cache_of_its_own_size(server, cfg):
+    """`transformers serve --continuous-batching` sized its KV cache to 80% of the machine's RAM on a CPU (20 GB
+    resident for a 2-layer model here; a second server beside it was killed for memory). deploy.py sizes it from
+    deploy.max_num_seqs x max_model_len: the 135M demo model in fp32 (~0.5 GB) plus a cache of 4 x 2048 tokens."""
+    deploy.openai_client(cfg).chat.completions.create(  # the model and its cache load with the first request
+        model=cfg["deploy"]["served_model_name"], max_tokens=4, messages=[{"role": "user", "content": "Hi"}])
+    with open(f"/proc/{server.pid}/status", encoding="utf-8") as f:
+        rss_gib = next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024 ** 2
+    assert rss_gib < 3, f"the CPU server holds {rss_gib:.1f} GiB"
+
+
 def run_target(cfg, run_path, lora=False):
     target = deploy.deploy_targets(cfg, argparse.Namespace(run=[run_path], model=None, lora=lora, adapter=None))[0]
     return dict(target, served_dir=deploy.running_server_folder(cfg, target, lora))
@@ -651,6 +662,33 @@ def test_another_chat_template_fails_parity_and_sigterm_stops_it(
             deploy.check_template_parity(one, client, "transformers", "smollm2-demo", tokenizer, merged_dir)
     finally:
         stop_cli(proc, signal.SIGTERM, server_pid, one, tmp_path)
+
+
+def test_a_second_ctrl_c_does_not_cut_the_stop_short(monkeypatch, tmp_path):
+    """Ctrl-C pressed again while serve_forever stops the server (vLLM takes seconds to shut down) used to raise
+    KeyboardInterrupt inside stop_server: a traceback, and the server's group possibly left. A real process group
+    stands in for the server; real SIGINTs to this process press Ctrl-C."""
+    import threading
+    server = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    server.names, server.url, server.log_path, server.link_dir = ["m"], "http://127.0.0.1:1/v1", "-", None
+    real_stop = deploy.stop_server
+
+    def stop_with_second_ctrl_c(proc, timeout_s=30):
+        os.kill(os.getpid(), signal.SIGINT)  # the impatient second press, as the stop begins
+        time.sleep(0.1)  # Python runs a signal's handler between bytecodes: let it
+        real_stop(proc, timeout_s)
+
+    monkeypatch.setattr(deploy, "stop_server", stop_with_second_ctrl_c)
+    handlers = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGINT)).start()  # the first press
+    try:
+        deploy.serve_forever(server)  # returns once the server is stopped
+    finally:
+        signal.signal(signal.SIGINT, handlers[0])
+        signal.signal(signal.SIGTERM, handlers[1])
+        if server.poll() is None:
+            server.kill()
+    assert server.returncode == -signal.SIGTERM and deploy.group_pids(server.pid) == []
 
 
 # ---------------------------------------------------------------- errors
