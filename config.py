@@ -191,8 +191,8 @@ CONFIG = {
         "served_model_name": "qwen3-4b-sft",  # `model` clients send; letters, digits, . _ - only
         "max_model_len": 16384,  # the seed's 16 GB flags; scaled up on bigger cards
         "gpu_memory_utilization": 0.82,
-        # Both engines: sequences in flight at once (more wait), tokens per forward. The transformers engine's KV
-        # cache holds max_num_seqs × max_model_len tokens (sized by deploy.py; left alone it took 80% of RAM on a CPU).
+        # Both engines: sequences in flight at once (more wait), tokens per forward. On a CPU the transformers
+        # engine's KV cache holds max_num_seqs × max_model_len tokens (left alone it took 80% of the RAM).
         "max_num_seqs": 4,
         "max_num_batched_tokens": 2048,
         "enforce_eager": True,

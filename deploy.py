@@ -254,17 +254,19 @@ def transformers_command(cfg, link_name):
     exe = shutil.which("transformers", path=os.path.dirname(sys.executable)) or shutil.which("transformers")
     if exe is None:
         raise DeployError("the `transformers` CLI was not found; pip install 'transformers[serving]'")
-    d = cfg["deploy"]
-    # The KV cache for max_num_seqs sequences of max_model_len, as vLLM reserves. Left to itself, continuous batching
-    # sizes its cache to 80% of the device's memory, and on a CPU that is the machine's RAM: 20 GB resident for a
-    # 2-layer test model on a 24 GB machine, and the next process there was killed for memory. Longer queues wait.
+    d, cuda = cfg["deploy"], common.has_cuda()
+    cmd = [exe, "serve", link_name, "--host", d["host"], "--port", str(d["port"]), "--device", "cuda" if cuda else "cpu",
+           "--dtype", "auto", "--default-seed", str(cfg["training"]["seed"]), "--log-level", "info",
+           # Without it concurrent requests run one after another: 64 x 32 tokens took 212 s, with it 14.6 s.
+           "--continuous-batching"]
+    if cuda:  # its KV cache takes 80% of the GPU memory left after the weights, as vLLM's takes its share
+        return cmd
+    # On a CPU the same rule takes 80% of the machine's RAM: 20 GB resident for a 2-layer test model on a 24 GB
+    # machine, and the next process there was killed for memory. So the cache holds max_num_seqs sequences of
+    # max_model_len, as vLLM reserves; more requests wait for room.
     blocks = -(-d["max_num_seqs"] * d["max_model_len"] // CB_BLOCK_SIZE)
-    return [exe, "serve", link_name, "--host", d["host"], "--port", str(d["port"]),
-            "--device", "cuda" if common.has_cuda() else "cpu", "--dtype", "auto",
-            "--default-seed", str(cfg["training"]["seed"]), "--log-level", "info",
-            # Without it concurrent requests run one after another: 64 x 32 tokens took 212 s, with it 14.6 s.
-            "--continuous-batching", "--cb-block-size", str(CB_BLOCK_SIZE), "--cb-num-blocks", str(blocks),
-            "--cb-max-batch-tokens", str(d["max_num_batched_tokens"])]
+    return cmd + ["--cb-block-size", str(CB_BLOCK_SIZE), "--cb-num-blocks", str(blocks),
+                  "--cb-max-batch-tokens", str(d["max_num_batched_tokens"])]
 
 
 def listed_cache(link_dir, name, model_dir):
