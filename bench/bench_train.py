@@ -57,6 +57,8 @@ VARIANTS = {
                                          *BATCH_1x16]),
     # checkpoint_skip_layers="auto": the layers the memory estimate has room for keep their activations
     "trainpy-16gb-skip": ("16gb", 15.6, ["training.checkpoint_skip_layers=auto"]),
+    "trainpy-16gb-gpuckpt-skip": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=True",
+                                                 "training.checkpoint_skip_layers=auto"]),
     "trainpy-24gb": ("24gb", 23.6, []),
     "trainpy-24gb-skip": ("24gb", 23.6, ["training.checkpoint_skip_layers=auto"]),
     "trainpy-40gb": ("40gb", 39.4, []),
@@ -68,8 +70,8 @@ VARIANTS = {
 # --tiny: 2 x 2 sequences per optimizer step (not train.py's 16), so a step takes ~1 s on a CPU instead of ~25.
 TINY_SEQUENCES_PER_STEP = 4
 TINY_BATCH = ["training.per_device_train_batch_size=2", "training.gradient_accumulation_steps=2"]
-GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-skip", "trainpy-16gb-1x16", "trainpy-24gb",
-            "trainpy-24gb-skip", "trainpy-40gb", "trainpy-80gb", "unsloth-bare"]
+GPU_RUNS = ["trainpy-16gb", "trainpy-16gb-gpuckpt", "trainpy-16gb-skip", "trainpy-16gb-gpuckpt-skip",
+            "trainpy-16gb-1x16", "trainpy-24gb", "trainpy-24gb-skip", "trainpy-40gb", "trainpy-80gb", "unsloth-bare"]
 WORDS = ("the of and to in is that for it as with was on be by this are from at or an which have not has but "
          "one all were can there been if more when will would who so no time some could them other than then "
          "number people water first way find long down day did get come made may part model train loss data "
