@@ -1448,10 +1448,8 @@ def interrupt(signum, frame):
 
 
 def serve_forever(proc):
+    """Wait on the server until Ctrl-C / SIGTERM (main installed `interrupt` for both), then stop its group."""
     print(f"serving {', '.join(proc.names)} at {proc.url}; Ctrl-C stops it", flush=True)
-    # Ctrl-C, and `kill PID`, stop the server group (also when a launcher started us with SIGINT ignored).
-    signal.signal(signal.SIGINT, interrupt)
-    signal.signal(signal.SIGTERM, interrupt)
     try:
         code = proc.wait()
         raise DeployError(f"the server exited with code {code}; last lines of {proc.log_path}:\n"
@@ -1548,7 +1546,14 @@ def main():
     proc = None
     if args.step in ("serve", "all"):
         model_dir, adapters = serve_plan(args, targets)
-        proc = start_server(cfg, model_dir, targets[0]["log"], adapters)
+        # Ctrl-C, and `kill PID`, from here on stop the server group too: while vLLM starts (minutes) and after
+        # (also when a launcher started us with SIGINT ignored). A plain SIGTERM would leave it running, orphaned.
+        signal.signal(signal.SIGINT, interrupt)
+        signal.signal(signal.SIGTERM, interrupt)
+        try:
+            proc = start_server(cfg, model_dir, targets[0]["log"], adapters)
+        except KeyboardInterrupt:  # start_server stopped what it had started
+            raise DeployError("interrupted while the server was starting; it was stopped") from None
     if args.step == "serve":
         serve_forever(proc)
         return
@@ -1557,6 +1562,8 @@ def main():
                           f"(or `all` to serve, test and perf in one go)")
     try:
         test_and_perf(cfg, args, targets)
+    except KeyboardInterrupt:
+        raise DeployError("interrupted" + ("; the server deploy.py started was stopped" if proc else "")) from None
     finally:
         if proc is not None:
             stop_server(proc)

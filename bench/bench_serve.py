@@ -4,7 +4,8 @@ Each level sends max(--min-requests, --requests-per-level x concurrency) request
 flight (one thread each: the client is not what limits a server at 256 streams of ~30 tokens/s), every prompt
 exactly --prompt-tokens random token ids (seeded) and every answer exactly --output-tokens long (`ignore_eos` +
 `min_tokens`, vLLM's sampling extensions), greedy. Output tokens/s = completion tokens the server reports / the
-level's wall time. One warm-up request first. Writes --out (JSON, one entry per level) and prints a table row.
+level's wall time. One warm-up request first. Writes --out (JSON, one entry per server, appended to), a plot of
+every entry in it beside it (OUT without .json, .png) and prints a table row.
 
     python deploy.py serve &                # or: vllm serve DIR --port 8000 (raw vLLM, its defaults)
     python bench/bench_serve.py --url http://127.0.0.1:8000/v1 --model qwen3-4b-sft --label deploy-80gb
@@ -88,7 +89,29 @@ def measure(a, label, model):
             runs = json.load(f)
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump(runs + [entry], f, indent=1)
+    plot(runs + [entry], os.path.splitext(a.out)[0] + ".png")
     return entry
+
+
+def plot(runs, path):
+    """Output tokens/s against concurrency, one line per entry of --out (this invocation's and earlier ones)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    levels = sorted({lv["concurrency"] for entry in runs for lv in entry["levels"]})
+    for entry in runs:
+        ax.plot([lv["concurrency"] for lv in entry["levels"]], [lv["output_tok_s"] for lv in entry["levels"]], "o-",
+                label=f"{entry['label']} ({entry['date']})")
+    ax.set(xlabel="concurrency", ylabel="output tokens/s", xscale="log",
+           title=f"{runs[-1]['prompt_tokens']} prompt / {runs[-1]['output_tokens']} output tokens per request")
+    ax.set_xticks(levels, [str(c) for c in levels])  # ticks at the measured levels only, as plain numbers
+    ax.minorticks_off()
+    ax.set_ylim(bottom=0)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 def row(entry):

@@ -502,6 +502,7 @@ def test_serving_bench_measures_the_running_server(server, cfg, tmp_path):
         assert 1 <= level["output_tokens"] <= 4 * level["requests"] and level["prompt_tokens"] > 16 * level["requests"]
         assert level["output_tok_s"] > 0
     assert done.stdout.strip().splitlines()[-1].startswith("| cpu | ")
+    assert (tmp_path / "serve.png").stat().st_size > 10_000
 
 
 def test_serving_sweep_starts_measures_and_stops_each_server(tiny_qwen3_dir, overrides, tmp_path):
@@ -526,17 +527,10 @@ def test_serving_sweep_starts_measures_and_stops_each_server(tiny_qwen3_dir, ove
         assert all(lv["output_tok_s"] > 0 for lv in entry["levels"])
     table = done.stdout[done.stdout.index("| server |"):].splitlines()
     assert [line.split("|")[1].strip() for line in table[2:]] == ["a", "broken", "b"]
-    assert (tmp_path / "sweep.json.a.log").read_text().count("server healthy") == 1
+    assert (tmp_path / "sweep.json.a.log").read_text().count("starting transformers server") == 1
+    assert (tmp_path / "sweep.png").stat().st_size > 10_000  # both servers' lines
     assert not common.http_ok(f"http://127.0.0.1:{port}/health", 2)  # the last server was stopped too
-    serving = []  # any process still serving the folder: deploy.py or the server it started
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace")
-        except OSError:
-            continue
-        if "serve" in cmdline and tiny_qwen3_dir in cmdline and alive(int(pid)):
-            serving.append(cmdline)
-    assert not serving, serving
+    assert serving_processes(tiny_qwen3_dir) == []  # deploy.py, and the server it started, are gone
 
 
 def test_test_and_perf_find_the_folder_the_server_serves(server, cfg, run_path, merged_dir, tmp_path):
@@ -662,6 +656,41 @@ def test_another_chat_template_fails_parity_and_sigterm_stops_it(
             deploy.check_template_parity(one, client, "transformers", "smollm2-demo", tokenizer, merged_dir)
     finally:
         stop_cli(proc, signal.SIGTERM, server_pid, one, tmp_path)
+
+
+def serving_processes(marker):
+    """Command lines of live processes whose command line holds `marker` and `serve`."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = open(f"/proc/{pid}/cmdline", "rb").read().decode(errors="replace").replace("\0", " ")
+        except OSError:
+            continue
+        if "serve" in cmdline and marker in cmdline and alive(int(pid)):
+            found.append(cmdline)
+    return found
+
+
+def test_kill_during_start_up_stops_the_server(overrides, demo_model_dir, tmp_path):
+    """`kill PID` (SIGTERM) while the server starts (vLLM: minutes) used to end deploy.py at once and leave the server,
+    in its own process group, running with the GPU. Now it stops it and says so, without a traceback."""
+    port = deploy.free_port()
+    sets = overrides + [f"output.dir={tmp_path / 'no-runs'}", f"deploy.port={port}"]
+    log_path = tmp_path / "cli.log"
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, os.path.join(common.ROOT, "deploy.py"), "serve", "--model",
+                                 demo_model_dir, "--profile", "demo", *[x for o in sets for x in ("--set", o)]],
+                                stdout=log, stderr=subprocess.STDOUT, cwd=common.ROOT)
+    deadline = time.time() + 120
+    while "starting transformers server" not in log_path.read_text():
+        assert proc.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+    assert not common.http_ok(f"http://127.0.0.1:{port}/health", 1)  # still starting
+    proc.terminate()
+    assert proc.wait(timeout=120) == 1
+    text = log_path.read_text()
+    assert "error: interrupted while the server was starting; it was stopped" in text and "Traceback" not in text
+    assert serving_processes(f"--port {port}") == []
 
 
 def test_a_second_ctrl_c_does_not_cut_the_stop_short(monkeypatch, tmp_path):
