@@ -151,8 +151,8 @@ def stop(proc):
 
 
 def sweep(a):
-    """Each --server in turn: start, measure, stop. A server that fails to start is a row of its own (the error),
-    the others still run; returns the number that failed."""
+    """Each --server in turn: start, measure, stop. A server that fails to start, or fails a request (it died, it
+    answered an error), is a row of its own and the others still run; returns the number that failed."""
     failed, rows = 0, []
     for spec in a.server:
         label, _, command = spec.partition("=")
@@ -166,9 +166,12 @@ def sweep(a):
         try:
             model = a.model or get(a.url.rstrip("/") + "/models", a.api_key)["data"][0]["id"]
             rows.append(row(measure(a, label, model)))
-            print(rows[-1], flush=True)
+        except (OSError, KeyError, ValueError) as err:  # urllib's errors are OSErrors; a reply without usage
+            failed += 1
+            rows.append(f"| {label} | failed while measured ({type(err).__name__}: {err}): see {a.out}.{label}.log |")
         finally:
             stop(proc)
+        print(rows[-1], flush=True)
     print(f"\n| server | {' | '.join(f'c={c}' for c in a.concurrency)} |  (output tokens/s)\n"
           f"|---|{'---:|' * len(a.concurrency)}\n" + "\n".join(rows), flush=True)
     return failed
@@ -201,7 +204,7 @@ def main():
     if a.server:
         failed = sweep(a)
         if failed:
-            raise SystemExit(f"error: {failed} of {len(a.server)} servers failed to start (their logs above)")
+            raise SystemExit(f"error: {failed} of {len(a.server)} servers failed (the rows above say how)")
         return
     if not a.model:
         p.error("--model is required without --server")

@@ -513,20 +513,30 @@ def test_serving_sweep_starts_measures_and_stops_each_server(tiny_qwen3_dir, ove
                                                        f"deploy.port={port}"])
     serve = f"{sys.executable} {os.path.join(common.ROOT, 'deploy.py')} serve --model {tiny_qwen3_dir} --profile demo"
     out = tmp_path / "sweep.json"
+    failing = tmp_path / "failing.py"  # healthy, lists a model, answers every request with HTTP 500
+    failing.write_text("import http.server, json, sys\n"
+                       "class H(http.server.BaseHTTPRequestHandler):\n"
+                       "    def reply(self, code, body):\n"
+                       "        self.send_response(code); self.end_headers(); self.wfile.write(json.dumps(body).encode())\n"
+                       "    def do_GET(self): self.reply(200, {'data': [{'id': 'm'}]})\n"
+                       "    def do_POST(self): self.reply(500, {'error': 'no'})\n"
+                       "http.server.HTTPServer(('127.0.0.1', int(sys.argv[1])), H).serve_forever()\n")
     done = subprocess.run([sys.executable, os.path.join(common.ROOT, "bench", "bench_serve.py"), "--tiny", "--url",
                            f"http://127.0.0.1:{port}/v1", "--out", str(out), "--server", f"a={serve} {sets}",
                            "--server", f"broken={sys.executable} -c 'import sys; sys.exit(3)'",
+                           "--server", f"failing={sys.executable} {failing} {port}",
                            "--server", f"b={serve} {sets} --set deploy.max_model_len=1024"],
                           capture_output=True, text=True, timeout=900)
-    assert done.returncode == 1 and "1 of 3 servers failed to start" in done.stderr, done.stdout[-3000:] + done.stderr
+    assert done.returncode == 1 and "2 of 4 servers failed" in done.stderr, done.stdout[-3000:] + done.stderr
     assert "broken: the server exited 3" in done.stdout
+    assert "| failing | failed while measured (HTTPError: HTTP Error 500" in done.stdout
     entries = json.loads(out.read_text())
     assert [e["label"] for e in entries] == ["a", "b"]
     for entry in entries:
         assert entry["model"] == "smollm2-demo"  # the demo profile's served name, read from /v1/models
         assert all(lv["output_tok_s"] > 0 for lv in entry["levels"])
     table = done.stdout[done.stdout.index("| server |"):].splitlines()
-    assert [line.split("|")[1].strip() for line in table[2:]] == ["a", "broken", "b"]
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["a", "broken", "failing", "b"]
     assert (tmp_path / "sweep.json.a.log").read_text().count("starting transformers server") == 1
     assert (tmp_path / "sweep.png").stat().st_size > 10_000  # both servers' lines
     assert not common.http_ok(f"http://127.0.0.1:{port}/health", 2)  # the last server was stopped too
