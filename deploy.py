@@ -1457,10 +1457,15 @@ def serve_forever(proc):
     except KeyboardInterrupt:
         print("\nstopping the server...", flush=True)
     finally:
-        # Stopping takes at most stop_server's 30 s + SIGKILL: a second Ctrl-C or kill must not cut it short.
-        signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        stop_server(proc)
+        stop_for_good(proc)
+
+
+def stop_for_good(proc):
+    """stop_server with Ctrl-C and SIGTERM ignored: stopping takes at most its 30 s + SIGKILL, and a second Ctrl-C or
+    kill must not cut it short (a traceback, the group possibly left)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    stop_server(proc)
 
 
 def parse_args():
@@ -1566,7 +1571,7 @@ def main():
         raise DeployError("interrupted" + ("; the server deploy.py started was stopped" if proc else "")) from None
     finally:
         if proc is not None:
-            stop_server(proc)
+            stop_for_good(proc)
 
 
 if __name__ == "__main__":
