@@ -333,10 +333,9 @@ def parse_value(raw):
 def check_type(key, default, value):
     if default is None or value is None:
         return value
-    if key in INT_OR_AUTO and (value == "auto" or (isinstance(value, int) and not isinstance(value, bool)
-                                                   and value >= 0)):
-        return value
     if key in INT_OR_AUTO:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+            return value
         raise ConfigError(f"{key} expects an integer >= 0 or 'auto', got {value!r}")
     if isinstance(default, bool):
         if not isinstance(value, bool):

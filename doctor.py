@@ -428,10 +428,9 @@ def check_memory(cfg, mc, gpus):
     backend = "transformers" if cfg["training"]["backend"] == "transformers" else "unsloth"  # the GPU stack's
     plan = train.plan_skip_layers(cfg, plan, backend, mc, gib * GIB)
     mem = train.estimate_memory(mc, cfg, plan)
-    skipped = f" ({plan['skip_layers']} layers keep their activations)" if plan["skip_layers"] else ""
     text = (f"training.memory_profile={cfg['training']['memory_profile']} -> {plan['profile']}: batch {plan['batch']}"
-            f" x accumulation {plan['accum']}, checkpointing {plan['gradient_checkpointing']}{skipped}; train.py's estimate "
-            f"{mem['train']:.1f} GiB training, {mem['eval']:.1f} GiB eval, of {gib:.0f} GiB")
+            f" x accumulation {plan['accum']}, checkpointing {train.checkpointing_text(plan, mc.num_hidden_layers)}; "
+            f"train.py's estimate {mem['train']:.1f} GiB training, {mem['eval']:.1f} GiB eval, of {gib:.0f} GiB")
     lines = [line(OK, "Train memory", text) if mem["train"] <= gib else
              line(FAIL, "Train memory", text, "out of memory expected; remedies, in order:\n"
                                               + train.remedies(cfg, plan))]

@@ -266,6 +266,13 @@ def plan_skip_layers(cfg, plan, backend, mc, gpu_bytes):
     return dict(plan, skip_layers=skip)
 
 
+def checkpointing_text(plan, layers):
+    """How the plan checkpoints, for the plan line (train.py) and doctor.py's memory line."""
+    if not plan.get("skip_layers"):
+        return str(plan["gradient_checkpointing"])
+    return f"{plan['gradient_checkpointing']} ({plan['skip_layers']} of {layers} layers keep their activations)"
+
+
 def remedies(cfg, plan):
     """The seed's order of out-of-memory remedies, with the current values."""
     seq, b, a = cfg["model"]["max_seq_length"], plan["batch"], plan["accum"]
@@ -1065,12 +1072,10 @@ def make_plan(cfg, backend, mc):
     plan = apply_memory_profile(cfg, base_plan(cfg, backend, gpu_bytes is not None), mc, gpu_bytes)
     plan = plan_skip_layers(cfg, plan, backend, mc, gpu_bytes)
     mem = estimate_memory(mc, cfg, plan)
-    ckpt = str(plan["gradient_checkpointing"])
-    if plan["skip_layers"]:
-        ckpt += f" ({plan['skip_layers']} of {mc.num_hidden_layers} layers keep their activations)"
     say(f"Plan: profile {plan['profile']}; batch {plan['batch']} x accumulation {plan['accum']} x {WORLD_SIZE} "
         f"process(es) = {plan['batch'] * plan['accum'] * WORLD_SIZE} sequences per optimizer step; checkpointing "
-        f"{ckpt}; {plan['dtype_name']}{', 4-bit NF4' if plan['load_in_4bit'] else ''}; "
+        f"{checkpointing_text(plan, mc.num_hidden_layers)}; "
+        f"{plan['dtype_name']}{', 4-bit NF4' if plan['load_in_4bit'] else ''}; "
         f"optim {plan['optim']}" + "".join(f"; {note}" for note in plan["notes"]))
     say(f"Memory estimate: {mem['params_b']:.2f} B params, LoRA {mem['lora_params_m']:.1f} M; weights "
         f"{mem['weights']:.1f} + LoRA/optimizer {mem['lora_and_optimizer']:.2f} + activations {mem['activations']:.1f}"

@@ -15,7 +15,8 @@ process: Unsloth patches transformers when imported, and the baseline must not s
 
 Runs (VARIANTS): trainpy-<card> (train.py with that memory profile, in a process capped to what torch reports for
 such a card, so a profile that would not fit there runs out of memory here too), trainpy-<card>-* (other settings
-tried on that card's budget; -skip: training.checkpoint_skip_layers="auto"), trainpy-auto (the profile train.py picks for this GPU, uncapped), unsloth-bare
+tried on that card's budget; -skip: training.checkpoint_skip_layers="auto"), trainpy-auto (the profile train.py
+picks for this GPU, uncapped), unsloth-bare
 (FastLanguageModel + TRL SFTTrainer as Unsloth's notebooks set them up: batch 2 x 4, its checkpointing, packing on,
 the same data, timed over --bare-steps), baseline (transformers + PEFT + bnb NF4 + TRL, batch --baseline-batch,
 padded unless --baseline-packing on/auto and the packing check passes on it).
@@ -57,7 +58,8 @@ VARIANTS = {
                                          *BATCH_1x16]),
     # checkpoint_skip_layers="auto": the layers the memory estimate has room for keep their activations
     "trainpy-16gb-skip": ("16gb", 15.6, ["training.checkpoint_skip_layers=auto"]),
-    "trainpy-16gb-gpuckpt-skip": ("16gb", 15.6, ["training.memory_profile=config", "training.gradient_checkpointing=True",
+    "trainpy-16gb-gpuckpt-skip": ("16gb", 15.6, ["training.memory_profile=config",
+                                                 "training.gradient_checkpointing=True",
                                                  "training.checkpoint_skip_layers=auto"]),
     "trainpy-24gb": ("24gb", 23.6, []),
     "trainpy-24gb-skip": ("24gb", 23.6, ["training.checkpoint_skip_layers=auto"]),
@@ -273,7 +275,8 @@ def run_trainpy(a, shapes, ds, lengths, peak):
         trainer.add_callback(kernel_profile(a.warmup + a.steps, a.trace, stats))
     trainer.train()
     extra = {"backend": backend, "profile": plan["profile"], "batch": plan["batch"], "accum": plan["accum"],
-             "checkpointing": plan["gradient_checkpointing"], "skip_layers": plan["skip_layers"], "packing": note, "estimate_gib": round(mem["train"], 1),
+             "checkpointing": plan["gradient_checkpointing"], "skip_layers": plan["skip_layers"], "packing": note,
+             "estimate_gib": round(mem["train"], 1),
              "lora_dropout": cfg["lora"]["lora_dropout"], "overrides": overrides + a.set, "traced_steps": a.trace,
              "cap_gib": cap, "allocator": allocator}
     return finish(stats, trainer, a.warmup, plan["accum"], a.worker, extra, shapes, a.lora_r, lengths, peak)

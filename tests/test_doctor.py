@@ -199,7 +199,7 @@ def test_memory_profile_auto_by_gpu_size():
     assert "-> 16gb: batch 8 x accumulation 2, checkpointing unsloth" in card16[0]["text"]
     skip = doctor.check_memory(config.build_config(None, ["training.checkpoint_skip_layers=auto"]), QWEN3_4B,
                                [{"mib": 16376}])  # train.py's plan: 4 layers fit ¾ of the card (tests/test_train.py)
-    assert "checkpointing unsloth (4 layers keep their activations); train.py's estimate 11.2 GiB" in skip[0]["text"]
+    assert "checkpointing unsloth (4 of 36 layers keep their activations); train.py's estimate 11.2 GiB" in skip[0]["text"]
     # vLLM on 16 GB, the seed's flags (0.82, no scaling under 22 GB): 0.82 x 15.99 GiB - 7.49 GiB of bf16 weights
     # = 5.62 GiB; 2 x 36 layers x 8 KV heads x 128 x 2 B = 144 KiB/token, 2.25 GiB per 16384-token sequence.
     assert card16[1]["status"] == doctor.OK
