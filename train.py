@@ -25,6 +25,7 @@ losses step for step (tests/test_train.py). Every checkpoint-N is an adapter fol
 """
 
 import argparse
+import atexit
 import glob
 import hashlib
 import json
@@ -743,7 +744,10 @@ def shared_value(value):
     from accelerate.utils import broadcast_object_list
     # Without cpu=True a CPU run (torchrun + gloo) is DistributedType.NO to accelerate: the broadcast then does
     # nothing and each rank keeps its own timestamp (two run folders when the ranks start a second apart).
-    PartialState(cpu=not torch.cuda.is_available())
+    state = PartialState(cpu=not torch.cuda.is_available())
+    # A rank that exits with its process group alive can abort in C++ ("terminate called without an active
+    # exception", SIGABRT; seen under CPU load), and torchrun then calls the whole run failed.
+    atexit.register(state.destroy_process_group)  # a no-op once the group is gone
     return broadcast_object_list([value])[0]
 
 

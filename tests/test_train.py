@@ -621,15 +621,18 @@ def test_torchrun_two_processes_share_one_run(tiny_qwen3_dir, data_dir, tmp_path
 def test_ranks_share_rank_0s_value_on_cpu(tmp_path):
     """train.shared_value under torchrun on the CPU: every rank gets rank 0's value (here its pid). accelerate took
     a CPU run for a single process, so the broadcast did nothing and each rank kept its own run name (its own
-    timestamp): two run folders whenever the ranks started a second apart."""
+    timestamp): two run folders whenever the ranks started a second apart. Several rounds: a rank that exited with
+    its process group alive aborted now and then ("terminate called without an active exception", SIGABRT; about
+    one run in three with the CPUs busy), and torchrun called the run failed."""
     # one os.write per rank: print writes its pieces separately, and two ranks' pieces interleave
     code = ("import os, sys; sys.path.insert(0, os.getcwd()); import train; got = train.shared_value(os.getpid()); "
             "os.write(1, f'rank {train.RANK} pid {os.getpid()} got {got}\\n'.encode())")
     script = tmp_path / "shared_value_probe.py"
     script.write_text(code + "\n", encoding="utf-8")
-    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
-                          cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
-    lines = sorted(line.split() for line in done.stdout.splitlines() if line.startswith("rank "))
-    assert done.returncode == 0 and len(lines) == 2, done.stderr[-2000:]
-    (_, _, _, pid0, _, got0), (_, _, _, _, _, got1) = lines
-    assert got0 == got1 == pid0
+    for _ in range(6):
+        done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script)],
+                              cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+        lines = sorted(line.split() for line in done.stdout.splitlines() if line.startswith("rank "))
+        assert done.returncode == 0 and len(lines) == 2, done.stderr[:2000]  # the head: the rank's own last words
+        (_, _, _, pid0, _, got0), (_, _, _, _, _, got1) = lines
+        assert got0 == got1 == pid0
