@@ -183,7 +183,7 @@ def estimate_memory(mc, cfg, plan):
     tokens = plan["batch"] * cfg["model"]["max_seq_length"]
     one_layer = tokens * per_token_layer
     layers = mc.num_hidden_layers
-    skipped = plan.get("skip_layers", 0)  # checkpointing on: layers that keep their activations, input included
+    skipped = plan["skip_layers"]  # checkpointing on: layers that keep their activations, input included
     saved_inputs = tokens * (layers - skipped) * mc.hidden_size * act_bytes
     if plan["gradient_checkpointing"] is False:
         activations = one_layer * layers
@@ -269,7 +269,7 @@ def plan_skip_layers(cfg, plan, backend, mc, gpu_bytes):
 
 def checkpointing_text(plan, layers):
     """How the plan checkpoints, for the plan line (train.py) and doctor.py's memory line."""
-    if not plan.get("skip_layers"):
+    if not plan["skip_layers"]:
         return str(plan["gradient_checkpointing"])
     return f"{plan['gradient_checkpointing']} ({plan['skip_layers']} of {layers} layers keep their activations)"
 
@@ -289,7 +289,7 @@ def remedies(cfg, plan):
              f"--set training.eval_steps={cfg['training']['eval_steps'] * 2}   (now eval batch {eb})"]
     if plan["gradient_checkpointing"] is False:
         lines.insert(0, "  0. turn checkpointing on: --set training.gradient_checkpointing=unsloth")
-    if plan.get("skip_layers"):
+    if plan["skip_layers"]:
         lines.insert(0, f"  0. recompute every layer: --set training.checkpoint_skip_layers=0   "
                         f"(now {plan['skip_layers']} keep their activations)")
     if plan["profile"] != "config":

@@ -29,7 +29,7 @@ def step_gradients(model_dir, ds, batch, accum, packing, out_dir, accepts_loss_k
                                        "training.warmup_ratio=0.0", "lora.lora_dropout=0.0",
                                        "model.max_seq_length=160", f"model.dtype={'bfloat16' if gpu else 'float32'}"])
     plan = {"batch": batch, "accum": accum, "gradient_checkpointing": False, "optim": "sgd", "profile": "config",
-            "load_in_4bit": gpu, "notes": [], "dtype_name": "bfloat16" if gpu else "float32"}
+            "load_in_4bit": gpu, "notes": [], "skip_layers": 0, "dtype_name": "bfloat16" if gpu else "float32"}
     model, tokenizer = train.load_for_training(cfg, backend, model_dir, plan)
     if accepts_loss_kwargs is not None:
         model.base_model.model.accepts_loss_kwargs = accepts_loss_kwargs

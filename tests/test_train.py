@@ -221,7 +221,7 @@ def test_memory_estimate_and_profiles_for_qwen3_4b():
                      head_dim=128, intermediate_size=9728, vocab_size=151936, tie_word_embeddings=True)
     cfg = config.build_config(overrides=["lora.lora_dropout=0.0"])  # bare Unsloth: dropout 0, fused LoRA kernels
     plan = {"batch": 8, "accum": 2, "gradient_checkpointing": "unsloth", "optim": "adamw_8bit", "profile": "config",
-            "load_in_4bit": True, "dtype_name": "bfloat16", "notes": []}
+            "load_in_4bit": True, "dtype_name": "bfloat16", "notes": [], "skip_layers": 0}
     with_ckpt = train.estimate_memory(mc, cfg, plan)
     without = train.estimate_memory(mc, cfg, dict(plan, gradient_checkpointing=False))
     assert 4.0 < with_ckpt["train"] < 8.0 and with_ckpt["eval"] < with_ckpt["train"]
